@@ -1,0 +1,232 @@
+"""The `graphopt` command line: run, verify, list.
+
+Exit codes: 0 success; 1 the models are not equivalent (verification failed under --strict, or
+`verify` found a difference); 2 usage error or bad input; 3 an internal error (a bug: please
+report it with the output of --debug). Errors print one line; --debug adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+import graphopt
+from graphopt import modelio
+from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError
+from graphopt.goldens import load_inputs, load_outputs, save_inputs, save_outputs
+from graphopt.pipeline import Pipeline
+from graphopt.registry import available_passes, default_order
+from graphopt.report import Report
+from graphopt.spec import describe_options, parse_spec
+from graphopt.verify import ORT, TRT, Tolerance, Verifier, default_tolerance, parse_input_shapes
+
+EXIT_INTERNAL = 3
+
+
+def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn every failure into one line on stderr and a documented exit code."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except GraphoptError as err:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"graphopt: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("graphopt: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Exception as err:  # a bug: still one line unless --debug, never a half-written file
+            if debug:
+                traceback.print_exc()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            click.echo(f"graphopt: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(graphopt.__version__, prog_name="graphopt")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Rewrite ONNX graphs into what TensorRT runs best, and prove every rewrite with polygraphy."""
+
+
+def _verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+                     help="Shape for an input with dynamic dims, e.g. images:1x3x224x224 (repeatable). Unset dynamic dims are 1."),
+        click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-8 fp32, 1e-5 fp16]."),
+        click.option("--rtol", type=float, default=None,
+                     help="Tolerance relative to each output's largest magnitude [default: 1e-4 fp32, 1e-2 fp16]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random verification inputs."),
+        click.option("--backend", type=click.Choice(["auto", ORT, TRT]), default="auto", show_default=True,
+                     help="Who runs the candidate graph; auto picks TensorRT when it imports, else ONNX Runtime."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
+    default = default_tolerance(model)
+    return Tolerance(atol=default.atol if atol is None else atol, rtol=default.rtol if rtol is None else rtol)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the optimized model.")
+@click.option("--passes", default="all", show_default=True, help="Pipeline spec, e.g. all or fc-to-conv,pad-channels(align=16).")
+@click.option("--skip", multiple=True, metavar="PASS", help="Leave these passes out of the spec (repeatable or comma-separated).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
+@click.option("--no-verify", is_flag=True, help="Skip equivalence checking (passes that raise are still rolled back).")
+@click.option("--strict", is_flag=True, help="Exit 1 and write nothing if any rewrite fails verification.")
+@click.option("--fixed-point", is_flag=True, help="Repeat the pipeline until no pass changes the graph.")
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL with the result (atomically).")
+@click.option("--force", is_flag=True, help="Allow -o to name the input file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_verification_options
+@_handle_errors
+def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], report_path: Path | None, no_verify: bool,
+        strict: bool, fixed_point: bool, in_place: bool, force: bool, quiet: bool, input_shapes: tuple[str, ...],
+        atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
+    """Optimize MODEL and write the result to OUTPUT."""
+    if output is None and not in_place:
+        raise click.UsageError("give -o/--output, or --in-place to overwrite the input")
+    if output is not None and in_place:
+        raise click.UsageError("-o/--output and --in-place exclude each other")
+    pipeline_passes = parse_spec(passes, skip)  # a bad spec is reported before any slow work
+    shapes = parse_input_shapes(input_shapes)
+    source = modelio.load_model(model)
+    target = modelio.check_output_path(output or model, model, overwrite_input=in_place or force)
+    echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+    pipeline = Pipeline(pipeline_passes, verify=not no_verify, strict=strict, fixed_point=fixed_point,
+                        tolerance=_tolerance(source, atol, rtol) if not no_verify else None,
+                        input_shapes=shapes, seed=seed, backend=backend, progress=echo)
+    try:
+        optimized, report = pipeline.run(source)
+    except EquivalenceError as err:
+        if report_path and isinstance(err.report, Report):
+            _write_text(report_path, err.report.to_json())
+        if not quiet and isinstance(err.report, Report):
+            click.echo(format_summary(err.report))
+        raise EquivalenceError(f"{err}; nothing was written") from None
+    if report.final is not None and not report.final.passed:
+        # Each pass verified on its own but together they drifted: never write an unproven model.
+        if report_path:
+            _write_text(report_path, report.to_json())
+        raise EquivalenceError(f"the optimized model differs from the input: {report.final.detail}; nothing was written")
+    modelio.save_model(optimized, target)
+    if report_path:
+        _write_text(report_path, report.to_json())
+    if not quiet:
+        click.echo(format_summary(report))
+        click.echo(f"wrote {target}", err=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Reports are written atomically too, with the same checks as the model output."""
+    target = modelio.check_output_path(path, None, overwrite_input=False)
+    modelio.write_text_atomic(target, text)
+
+
+def format_summary(report: Report) -> str:
+    rows = [("pass", "status", "nodes", "time", "verified by", "max rel err")]
+    for p in report.passes:
+        rows.append((
+            p.name if p.iteration == 1 else f"{p.name} #{p.iteration}",
+            p.status,
+            f"{p.nodes_before} -> {p.nodes_after}",
+            f"{p.seconds:.2f}s",
+            p.verified_by or ("-" if not report.verify or not p.changed else "?"),
+            "-" if p.max_rel_err is None else f"{p.max_rel_err:.1e}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for p in report.passes:
+        for site in p.rolled_back:
+            lines.append(f"rolled back {p.name} at {site.site}: {site.reason}")
+        lines.extend(f"warning: {w}" for w in p.warnings)
+    lines.extend(f"warning: {w}" for w in report.warnings)
+    flops = ""
+    if report.flops_before:
+        flops = f", FLOPs {report.flops_before / 1e9:.3g}G -> {report.flops_after / 1e9:.3g}G"
+    lines.append(f"nodes {report.nodes_before} -> {report.nodes_after}{flops}, {report.seconds:.2f}s")
+    if report.final is not None:
+        verdict = "equivalent" if report.final.passed else "NOT equivalent"
+        lines.append(f"whole pipeline: {verdict} on {report.final.verified_by} ({report.final.detail})")
+    elif not report.verify:
+        lines.append("whole pipeline: not verified (--no-verify)")
+    return "\n".join(lines)
+
+
+@main.command(name="list")
+@_handle_errors
+def list_passes() -> None:
+    """List every registered pass, its summary and options."""
+    order = default_order()
+    for name, cls in available_passes().items():
+        position = f"all #{order.index(name) + 1}" if name in order else "not in all"
+        click.echo(f"{name}  [{position}]\n    {cls.summary}\n    options: {describe_options(cls)}")
+
+
+@main.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path), required=False)
+@click.option("--save-outputs", "save_outputs_path", type=click.Path(path_type=Path),
+              help="Save the reference outputs (polygraphy RunResults JSON).")
+@click.option("--save-inputs", "save_inputs_path", type=click.Path(path_type=Path),
+              help="Save the inputs used (polygraphy input-data JSON).")
+@click.option("--load-outputs", "load_outputs_path", type=click.Path(path_type=Path),
+              help="Compare against saved outputs (e.g. from polygraphy run --save-outputs) instead of a reference model.")
+@click.option("--load-inputs", "load_inputs_path", type=click.Path(path_type=Path),
+              help="Use saved inputs (e.g. from polygraphy run --save-inputs) instead of seeded random ones.")
+@_verification_options
+@_handle_errors
+def verify(reference: Path, candidate: Path | None, save_outputs_path: Path | None, save_inputs_path: Path | None,
+           load_outputs_path: Path | None, load_inputs_path: Path | None, input_shapes: tuple[str, ...],
+           atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
+    """Check that CANDIDATE computes what REFERENCE computes (exit 0) or not (exit 1).
+
+    With --load-outputs, give one model: it is checked against the saved outputs.
+    """
+    shapes = parse_input_shapes(input_shapes)
+    if load_outputs_path is not None:
+        if candidate is not None:
+            raise click.UsageError("with --load-outputs give one model: the one to check against the saved outputs")
+        candidate_model = modelio.load_model(reference)
+        expected = load_outputs(load_outputs_path)
+        reference_model = candidate_model
+    else:
+        if candidate is None:
+            raise click.UsageError("give two models (REFERENCE CANDIDATE), or one model with --load-outputs")
+        reference_model, candidate_model = modelio.load_model(reference), modelio.load_model(candidate)
+        expected = None
+    feed = load_inputs(load_inputs_path) if load_inputs_path else None
+    verifier = Verifier(reference_model, input_shapes=shapes, seed=seed, backend=backend, feed=feed,
+                        tolerance=_tolerance(reference_model, atol, rtol))
+    if expected is None:
+        expected = verifier.reference(reference_model)
+    if save_outputs_path:
+        save_outputs(save_outputs_path, expected)
+    if save_inputs_path:
+        save_inputs(save_inputs_path, verifier.feed)
+    verdict, _ = verifier.check(expected, candidate_model)
+    for output in verdict.outputs:
+        click.echo(f"{'PASS' if output.passed else 'FAIL'}  {output.describe()}")
+    tol = verdict.tolerance
+    if not verdict.passed:
+        click.echo(f"NOT equivalent on {verdict.backend} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")
+        sys.exit(EXIT_NOT_EQUIVALENT)
+    click.echo(f"equivalent on {verdict.backend} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")

@@ -1,0 +1,195 @@
+"""Small graph helpers shared by passes: constants, shapes, bypassing a node, exporting.
+
+Passes edit onnx-graphsurgeon graphs. These helpers hold the few facts every pass needs and
+that are easy to get subtly wrong (a removed node that produced a graph output, a tensor whose
+value is only known through a Constant node, an export that forgets the model's metadata).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+
+def nodes_with_op(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
+    """Top-level nodes of the given op types in the default domain (subgraphs are not entered)."""
+    return [n for n in graph.nodes if n.op in op_types and n.domain in ("", "ai.onnx")]
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a tensor known before inference: an initializer or a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        attrs = tensor.inputs[0].attrs
+        if isinstance(attrs.get("value"), gs.Constant):
+            return attrs["value"].values
+    return None
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    return constant_value(tensor) is not None
+
+
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape if every dimension is a known integer, else None."""
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def rank(tensor: gs.Tensor) -> int | None:
+    return None if tensor.shape is None else len(tensor.shape)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs)
+
+
+def sole_consumer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.outputs[0] if len(tensor.outputs) == 1 else None
+
+
+def used_in_subgraph(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """Whether a nested graph (If/Loop/Scan body) reads this tensor from the outer scope."""
+    for sub in iter_subgraphs(graph):
+        if any(t.name == tensor.name for node in sub.nodes for t in node.inputs):
+            return True
+    return False
+
+
+def iter_subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            subs = attr if isinstance(attr, (list, tuple)) else [attr]
+            for sub in subs:
+                if isinstance(sub, gs.Graph):
+                    yield sub
+                    yield from iter_subgraphs(sub)
+
+
+def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor | None = None) -> bool:
+    """Remove a single-output node whose output equals `keep` (default: its first input).
+
+    Consumers read `keep` instead. When the output is a graph output, its name must survive:
+    the producer of `keep` is made to write the output tensor directly. That is only possible
+    when `keep` is computed by a node and read by nobody else outside, so otherwise the node
+    stays and this returns False.
+    """
+    keep = node.inputs[0] if keep is None else keep
+    out = node.outputs[0]
+    if used_in_subgraph(graph, out):
+        return False
+    if not is_graph_output(graph, out):
+        for consumer in list(out.outputs):
+            consumer.inputs[:] = [keep if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+        return True
+    movable = (
+        len(keep.inputs) == 1
+        and not isinstance(keep, gs.Constant)
+        and not is_graph_input(graph, keep)
+        and not is_graph_output(graph, keep)
+        and not used_in_subgraph(graph, keep)
+    )
+    if not movable:
+        return False
+    producer = keep.inputs[0]
+    for consumer in list(keep.outputs):
+        if consumer is not node:
+            consumer.inputs[:] = [out if t is keep else t for t in consumer.inputs]
+    producer.outputs[:] = [out if t is keep else t for t in producer.outputs]
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
+    """A new initializer with a name not yet used in the graph."""
+    return gs.Constant(unique_name(graph, stem), np.ascontiguousarray(values))
+
+
+def unique_name(graph: gs.Graph, stem: str) -> str:
+    """A tensor or node name unused anywhere in the graph, its subgraphs included.
+
+    The set of taken names is built once per graph and extended here, so passes that create
+    thousands of tensors stay linear; passes must take every new name through this function.
+    """
+    taken: set[str] | None = getattr(graph, "_graphopt_taken_names", None)
+    if taken is None:
+        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        for sub in iter_subgraphs(graph):
+            taken |= set(sub.tensors()) | {n.name for n in sub.nodes}
+        graph._graphopt_taken_names = taken
+    name, i = stem, 1
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """Give every top-level node a unique name, in place.
+
+    Rollback reports sites by node name and finds them again by name after re-importing the
+    graph, so names must exist and be unique. Named nodes keep their names.
+    """
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(node.name)
+
+
+def export_like(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, keeping the model-level fields of the model it came from.
+
+    graphsurgeon writes its own producer and may choose another IR version; a rewrite must not
+    change what a model says about itself (metadata, doc strings, IR version, functions).
+    Intermediate value_info is dropped on purpose: a pass may have changed a tensor's shape, and
+    stale shapes would fail strict shape inference. The manager re-infers shapes afterwards.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    model.graph.doc_string = template.graph.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    model.graph.name = template.graph.name
+    _keep_opsets(model, template)
+    if template.functions and not model.functions:
+        model.functions.extend(template.functions)
+    return model
+
+
+def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    versions = {op.domain: op.version for op in template.opset_import}
+    for op in model.opset_import:
+        versions.setdefault(op.domain, op.version)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
+
+
+def opset_version(graph: gs.Graph) -> int:
+    return int(graph.opset)
+
+
+def node_names(nodes: Sequence[gs.Node]) -> str:
+    return ",".join(n.name for n in nodes)

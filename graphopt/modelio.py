@@ -1,0 +1,177 @@
+"""Reading, checking and writing models: the only module that touches the file system.
+
+Every failure here becomes a one-line `ModelError`/`OutputPathError`. Models over 2 GB cannot
+be serialized into one protobuf, so checking and shape inference go through a temporary file
+with external data for them, and saving writes external data beside the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx.checker
+import onnx.defs
+import onnx.shape_inference
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import ModelError, OutputPathError
+
+# Protobuf refuses to serialize a message of 2 GiB or more; stay clear of the limit.
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and validate a model, or raise a ModelError that says what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: file is empty")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as err:
+        raise ModelError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(err)})") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise ModelError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: external data cannot be loaded ({_first_line(err)})") from None
+    check_supported_opset(model, path)
+    try:
+        check_model(model, full=False)
+    except onnx.checker.ValidationError as err:
+        raise ModelError(f"{path}: fails onnx.checker: {_first_line(err)}") from None
+    return model
+
+
+def check_supported_opset(model: onnx.ModelProto, where: str | os.PathLike = "model") -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelError(
+                f"{where}: opset {opset.version} is newer than this onnx ({onnx.__version__}) "
+                f"supports (up to {newest}); upgrade onnx or export with an older opset"
+            )
+
+
+def check_model(model: onnx.ModelProto, full: bool) -> None:
+    """onnx.checker; `full` adds strict shape inference. Raises onnx.checker.ValidationError."""
+    if not is_large(model):
+        onnx.checker.check_model(model, full_check=full)
+        return
+    with _as_file(model) as path:
+        onnx.checker.check_model(path, full_check=full)
+
+
+def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """Shapes for every tensor onnx can infer, with data propagation for shape subgraphs."""
+    if not is_large(model):
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+    with _as_file(model) as path:
+        onnx.shape_inference.infer_shapes_path(path, path, strict_mode=strict, data_prop=True)
+        inferred = onnx.load_model(path, load_external_data=False)
+    # Weights are unchanged by inference: keep the loaded ones, take only the new shapes.
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.value_info[:]
+    result.graph.value_info.extend(inferred.graph.value_info)
+    return result
+
+
+@contextlib.contextmanager
+def model_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What a runtime can load: the serialized bytes, or a temporary path for a large model."""
+    if not is_large(model):
+        yield model.SerializeToString()
+        return
+    with _as_file(model) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _as_file(model: onnx.ModelProto) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _write(model, path)
+        yield path
+
+
+def _write(model: onnx.ModelProto, path: str) -> None:
+    if is_large(model):
+        # Copy first: converting to external data rewrites the initializers in place.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(
+            copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+            location=os.path.basename(path) + ".data", size_threshold=1024,
+        )
+    else:
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, overwrite_input: bool) -> Path:
+    """Refuse an output path that cannot or must not be written, before any work is done."""
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{output}: output directory {parent} does not exist")
+    if output.is_dir():
+        raise OutputPathError(f"{output}: is a directory; give a file name for the output model")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{output}: output directory {parent} is not writable")
+    if input_path is not None and output.exists() and os.path.samefile(output, input_path) and not overwrite_input:
+        raise OutputPathError(f"{output}: is the input model; pass --in-place to overwrite it")
+    return output
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
+    """Write atomically: everything goes to a temporary folder beside the output, then is renamed.
+
+    A crash or a full disk leaves the previous file (or none) in place, never a half-written one.
+    """
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=parent) as tmp:
+            staged = os.path.join(tmp, output.name)
+            _write(model, staged)
+            # External data (large models) is renamed first, so the model never points at nothing.
+            for name in sorted(os.listdir(tmp), key=lambda n: n == output.name):
+                os.replace(os.path.join(tmp, name), parent / name)
+    except OSError as err:
+        raise OutputPathError(f"{output}: cannot write ({err.strerror or err})") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as f:
+            f.write(text)
+        os.replace(f.name, path)
+    except OSError as err:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(f.name)
+        raise OutputPathError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,1 @@
+"""graphopt's built-in passes, one module per pass (installed as `graphopt.passes`)."""
