@@ -37,6 +37,8 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return command(*args, **kwargs)
+        except click.ClickException:
+            raise  # click prints usage errors itself, with exit code 2
         except GraphoptError as err:
             if debug:
                 traceback.print_exc()
@@ -68,7 +70,7 @@ def _verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Shape for an input with dynamic dims, e.g. images:1x3x224x224 (repeatable). Unset dynamic dims are 1."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-8 fp32, 1e-5 fp16]."),
         click.option("--rtol", type=float, default=None,
-                     help="Tolerance relative to each output's largest magnitude [default: 1e-4 fp32, 1e-2 fp16]."),
+                     help="Tolerance relative to each output's largest magnitude [default: 1e-5 fp32, 1e-2 fp16]."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random verification inputs."),
         click.option("--backend", type=click.Choice(["auto", ORT, TRT]), default="auto", show_default=True,
                      help="Who runs the candidate graph; auto picks TensorRT when it imports, else ONNX Runtime."),

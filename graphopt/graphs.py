@@ -163,6 +163,12 @@ def export_like(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
+    keep_model_fields(model, template)
+    return model
+
+
+def keep_model_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Restore what a model says about itself (metadata, docs, IR version, opsets), in place."""
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -176,7 +182,6 @@ def export_like(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     _keep_opsets(model, template)
     if template.functions and not model.functions:
         model.functions.extend(template.functions)
-    return model
 
 
 def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -20,7 +20,7 @@ import onnx
 from graphopt import modelio
 from graphopt.errors import EquivalenceError
 from graphopt.flops import count_flops
-from graphopt.graphs import name_unnamed_nodes
+from graphopt.graphs import keep_model_fields, name_unnamed_nodes
 from graphopt.passbase import GraphPass, PassResult
 from graphopt.report import CHANGED, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
 from graphopt.spec import format_pass, format_spec, parse_spec
@@ -142,7 +142,7 @@ class Pipeline:
                 result = graph_pass.apply(base, only)
                 if not result.modified:
                     return _Attempt(True, base, result)
-                candidate = self._finalize(result.model)
+                candidate = self._finalize(result.model, base)
             except Exception as err:  # a bug in one pass must not take the pipeline down: undo it
                 return _Attempt(False, error=f"{graph_pass.name} raised {type(err).__name__}: {_one_line(err)}")
             if verifier is None:
@@ -208,8 +208,9 @@ class Pipeline:
         except Exception:  # the pass cannot even find its sites: the whole pass is rolled back
             return []
 
-    def _finalize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """Name new nodes, check the model, and infer shapes (strictly, if the input allowed it)."""
+    def _finalize(self, model: onnx.ModelProto, base: onnx.ModelProto) -> onnx.ModelProto:
+        """Keep the model's own fields, name new nodes, check, infer shapes (strictly if allowed)."""
+        keep_model_fields(model, base)
         name_unnamed_nodes(model)
         modelio.check_model(model, full=False)
         return modelio.infer_shapes(model, strict=self._full_check)

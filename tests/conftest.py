@@ -1,0 +1,32 @@
+"""Shared fixtures: the stand-in plugin package, and the hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graphopt import registry
+
+PLUGIN_DIR = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def plugin_installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Put the test plugin's distribution on sys.path, as `pip install` would, and rescan."""
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    registry.refresh()
+    yield PLUGIN_DIR
+    registry.refresh()
+    sys.modules.pop("graphopt_testplugin", None)
+
+
+@pytest.fixture
+def plugin_env() -> dict[str, str]:
+    """Environment for a subprocess that should see the test plugin as installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
+    return env

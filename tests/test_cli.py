@@ -1,0 +1,135 @@
+"""The installed `graphopt` command, run as a user runs it: a subprocess, exit codes, files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+import graphopt
+from graphopt.testing import assert_equivalent
+from tests.fixtures.cases import case_path, load_case
+from tests.test_verify import scale_one_filter
+
+GRAPHOPT = str(Path(sys.executable).parent / "graphopt")
+
+
+def graphopt_cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([GRAPHOPT, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_run_writes_a_verified_model_and_a_summary(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = graphopt_cli("run", case_path("core/identity_weights"), "-o", out, "--report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert "simplify  changed" in result.stdout
+    assert "whole pipeline: equivalent on onnxruntime" in result.stdout
+    assert_equivalent(load_case("core/identity_weights"), out)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"][0]["verified_by"] == "onnxruntime" and report["equivalent"] is True
+
+
+def test_run_never_touches_the_input(tmp_path):
+    source = tmp_path / "in.onnx"
+    source.write_bytes(case_path("core/identity_weights").read_bytes())
+    before = source.read_bytes()
+    assert graphopt_cli("run", source, "-o", tmp_path / "out.onnx").returncode == 0
+    assert source.read_bytes() == before
+
+
+def test_strict_exits_1_and_writes_nothing_when_a_rewrite_is_wrong(tmp_path, plugin_env):
+    out = tmp_path / "out.onnx"
+    result = graphopt_cli("run", case_path("core/conv_stack"), "-o", out, "--passes", "reweight-convs(wrong-at=conv2)",
+                          "--strict", "--report", tmp_path / "r.json", env=plugin_env)
+    assert result.returncode == 1
+    assert "failed verification at conv2" in result.stderr and "nothing was written" in result.stderr
+    assert not out.exists()
+    assert json.loads((tmp_path / "r.json").read_text())["passes"][0]["rolled_back"][0]["site"] == "conv2"
+
+
+def test_without_strict_the_wrong_site_is_rolled_back_and_the_rest_kept(tmp_path, plugin_env):
+    out = tmp_path / "out.onnx"
+    result = graphopt_cli("run", case_path("core/conv_stack"), "-o", out, "--passes", "reweight-convs(wrong-at=conv2)", env=plugin_env)
+    assert result.returncode == 0
+    assert "rolled back reweight-convs at conv2" in result.stdout
+    assert_equivalent(load_case("core/conv_stack"), out)
+
+
+def test_verify_exits_0_on_an_equivalent_pair(tmp_path):
+    optimized = tmp_path / "opt.onnx"
+    graphopt_cli("run", case_path("core/identity_weights"), "-o", optimized)
+    result = graphopt_cli("verify", case_path("core/identity_weights"), optimized)
+    assert result.returncode == 0 and "equivalent on onnxruntime" in result.stdout
+
+
+def test_verify_exits_1_on_a_tampered_pair_and_prints_the_worst_output(tmp_path):
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(scale_one_filter(load_case("core/conv_stack"), 1.02), tampered)
+    result = graphopt_cli("verify", case_path("core/conv_stack"), tampered)
+    assert result.returncode == 1
+    assert "NOT equivalent" in result.stdout and "y: max abs error" in result.stdout
+
+
+def test_saved_outputs_check_a_later_model(tmp_path):
+    golden, inputs = tmp_path / "golden.json", tmp_path / "inputs.json"
+    model = case_path("core/conv_stack")
+    assert graphopt_cli("verify", model, model, "--save-outputs", golden, "--save-inputs", inputs).returncode == 0
+    assert graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs).returncode == 0
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(scale_one_filter(load_case("core/conv_stack"), 1.02), tampered)
+    assert graphopt_cli("verify", tampered, "--load-outputs", golden, "--load-inputs", inputs).returncode == 1
+
+
+def test_saved_outputs_are_polygraphy_run_results(tmp_path):
+    from polygraphy.comparator import RunResults
+
+    golden = tmp_path / "golden.json"
+    graphopt_cli("verify", case_path("core/conv_stack"), case_path("core/conv_stack"), "--save-outputs", golden)
+    [(runner, [iteration])] = list(RunResults.load(str(golden)).items())
+    assert list(iteration.keys()) == ["y"]
+
+
+def test_list_shows_every_pass_with_options():
+    result = graphopt_cli("list")
+    assert result.returncode == 0
+    assert "simplify  [all #1]" in result.stdout and "optimize (bool, default True)" in result.stdout
+
+
+def test_version_and_help():
+    assert graphopt_cli("--version").stdout.strip() == f"graphopt, version {graphopt.__version__}"
+    for command in ["run", "verify", "list"]:
+        assert graphopt_cli(command, "--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.onnx", "-o", "out.onnx"], "missing.onnx: no such file"),
+        (["run", "{model}", "-o", "out.onnx", "--passes", "nope"], "unknown pass 'nope'"),
+        (["run", "{model}", "-o", "out.onnx", "--passes", "simplify(x=1)"], "unknown option 'x' for simplify"),
+        (["run", "{model}", "-o", "no/such/dir/out.onnx"], "output directory no/such/dir does not exist"),
+        (["run", "{model}", "-o", "{model}"], "is the input model; pass --in-place"),
+        (["run", "{model}", "-o", "out.onnx", "--input-shape", "x:1xx3"], "bad --input-shape"),
+        (["run", "{model}"], "give -o/--output, or --in-place"),
+    ],
+)
+def test_bad_usage_gets_one_line_and_exit_2(tmp_path, args, message):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(case_path("core/conv_stack").read_bytes())
+    before = model.read_bytes()
+    result = graphopt_cli(*[a.format(model=model) for a in args], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert model.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_in_place_overwrites_the_input_atomically(tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(case_path("core/identity_weights").read_bytes())
+    assert graphopt_cli("run", model, "--in-place").returncode == 0
+    assert "Identity" not in [n.op_type for n in onnx.load(str(model)).graph.node]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary files left

@@ -1,0 +1,143 @@
+"""The pass manager: ordering, checking, verification, rollback by site, reports."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt import EquivalenceError, Pipeline, optimize
+from graphopt.spec import parse_spec
+from graphopt.testing import assert_equivalent
+from tests.fixtures.cases import load_case
+
+
+def conv_names(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "Conv"]
+
+
+def test_passes_run_in_the_order_of_the_spec(plugin_installed):
+    _, report = optimize(load_case("core/conv_stack"), "reweight-convs,simplify")
+    assert [p.name for p in report.passes] == ["reweight-convs", "simplify"]
+
+
+def test_a_wrong_pass_is_caught_and_rolled_back(plugin_installed):
+    model = load_case("core/conv_stack")
+    out, report = optimize(model, "scale-filter")
+    [record] = report.passes
+    assert record.status == "rolled-back"
+    assert sorted(site.site for site in record.rolled_back) == ["conv1", "conv2", "conv3"]
+    assert all(site.output == "y" and site.max_rel_err > 1e-4 for site in record.rolled_back)
+    assert not report.equivalent
+    assert_equivalent(model, out)
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_a_pass_wrong_at_one_site_loses_only_that_site(plugin_installed):
+    model = load_case("core/conv_stack")
+    out, report = optimize(model, "reweight-convs(wrong-at=conv2)")
+    [record] = report.passes
+    assert record.status == "partially-rolled-back"
+    assert [site.site for site in record.rolled_back] == ["conv2"]
+    assert "max abs error" in record.rolled_back[0].reason
+    assert sorted(record.sites_applied) == ["conv1", "conv3"]
+    assert record.counters == {"convs_reweighted": 2}
+    assert [n.op_type for n in out.graph.node].count("Mul") == 2
+    assert_equivalent(model, out)
+
+
+def test_a_pass_that_raises_at_one_site_loses_only_that_site(plugin_installed):
+    model = load_case("core/conv_stack")
+    out, report = optimize(model, "raise-at(wrong-at=conv3)")
+    [record] = report.passes
+    assert record.status == "partially-rolled-back"
+    assert [site.site for site in record.rolled_back] == ["conv3"]
+    assert "deliberate failure at conv3" in record.rolled_back[0].reason
+    assert_equivalent(model, out)
+
+
+def test_without_verification_a_raising_site_is_still_rolled_back(plugin_installed):
+    _, report = optimize(load_case("core/conv_stack"), "raise-at(wrong-at=conv1)", verify=False)
+    assert [site.site for site in report.passes[0].rolled_back] == ["conv1"]
+    assert report.passes[0].verified_by is None
+
+
+def test_strict_turns_a_rollback_into_an_equivalence_error(plugin_installed):
+    with pytest.raises(EquivalenceError, match="--strict: reweight-convs failed verification at conv1") as info:
+        optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv1)", strict=True)
+    assert info.value.report.passes[0].status == "partially-rolled-back"
+
+
+def test_the_callers_model_is_never_modified(plugin_installed):
+    model = load_case("core/identity_weights")
+    before = model.SerializeToString()
+    optimize(model, "simplify,reweight-convs")
+    assert model.SerializeToString() == before
+
+
+def test_simplify_folds_identity_routed_weights():
+    out, report = optimize(load_case("core/identity_weights"), "simplify")
+    assert "Identity" not in [n.op_type for n in out.graph.node]
+    assert report.passes[0].verified_by == "onnxruntime"
+
+
+def test_every_pass_leaves_a_checked_model_with_names_and_opsets_kept(plugin_installed):
+    model = load_case("core/conv_stack")
+    model.metadata_props.add(key="author", value="tests")
+    model.doc_string = "kept"
+    out, _ = optimize(model, "reweight-convs,simplify")
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    assert out.opset_import == model.opset_import
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests"}
+    assert out.doc_string == "kept" and out.ir_version == model.ir_version
+    assert all(n.name for n in out.graph.node)
+
+
+def test_fixed_point_repeats_until_nothing_changes(plugin_installed):
+    _, report = optimize(load_case("core/identity_weights"), "simplify", fixed_point=True)
+    assert [(p.iteration, p.status) for p in report.passes] == [(1, "changed"), (2, "unchanged")]
+    assert report.iterations == 2
+
+
+def test_the_report_records_what_each_pass_did(plugin_installed):
+    _, report = optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv2)")
+    data = json.loads(report.to_json())
+    record = data["passes"][0]
+    assert record["name"] == "reweight-convs" and record["spec"] == "reweight-convs(wrong-at=conv2)"
+    assert record["nodes_before"] == 5 and record["nodes_after"] == 7
+    assert record["verified_by"] == "onnxruntime" and record["max_rel_err"] < 1e-6
+    assert record["sites_found"] == 3 and record["rolled_back"][0]["site"] == "conv2"
+    assert record["seconds"] > 0 and record["flops_before"] == record["flops_after"] > 0
+    assert data["backend"] == "onnxruntime" and data["rtol"] == 1e-5
+    assert data["final"]["passed"] is True and data["equivalent"] is False
+
+
+def test_a_pipeline_can_be_built_from_pass_instances(plugin_installed):
+    pipeline = Pipeline(parse_spec("simplify") + parse_spec("reweight-convs"), verify=True)
+    assert pipeline.spec == "simplify,reweight-convs"
+    out, report = pipeline.run(load_case("core/conv_stack"))
+    assert report.equivalent and len(out.graph.node) == 8
+
+
+def test_reference_outputs_are_reused_between_passes(plugin_installed, monkeypatch):
+    from graphopt import verify
+
+    runs = []
+    original = verify.run_onnxruntime
+    monkeypatch.setattr(verify, "run_onnxruntime", lambda m, f: runs.append(1) or original(m, f))
+    optimize(load_case("core/conv_stack"), "reweight-convs,reweight-convs,reweight-convs")
+    # one reference run of the input, then one run per changed pass; the final check reuses them
+    assert len(runs) == 4
+
+
+def test_dynamic_dims_take_user_shapes(plugin_installed):
+    _, report = optimize(load_case("core/conv_stack"), "reweight-convs", input_shapes={"x": (3, 3, 16, 16)})
+    assert report.input_shapes == {"x": [3, 3, 16, 16]} and report.equivalent
+
+
+def test_an_unchanged_pass_costs_no_verification_run(plugin_installed):
+    model = load_case("core/tiny_outputs")
+    _, report = optimize(model, "simplify")
+    assert report.passes[0].status == "unchanged" and report.final is None
+    assert np.isfinite(report.seconds)
