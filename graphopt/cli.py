@@ -161,9 +161,7 @@ def format_summary(report: Report) -> str:
             lines.append(f"rolled back {p.name} at {site.site}: {site.reason}")
         lines.extend(f"warning: {w}" for w in p.warnings)
     lines.extend(f"warning: {w}" for w in report.warnings)
-    flops = ""
-    if report.flops_before:
-        flops = f", FLOPs {report.flops_before / 1e9:.3g}G -> {report.flops_after / 1e9:.3g}G"
+    flops = f", FLOPs {_si(report.flops_before)} -> {_si(report.flops_after)}" if report.flops_before else ""
     lines.append(f"nodes {report.nodes_before} -> {report.nodes_after}{flops}, {report.seconds:.2f}s")
     if report.final is not None:
         verdict = "equivalent" if report.final.passed else "NOT equivalent"
@@ -171,6 +169,13 @@ def format_summary(report: Report) -> str:
     elif not report.verify:
         lines.append("whole pipeline: not verified (--no-verify)")
     return "\n".join(lines)
+
+
+def _si(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 @main.command(name="list")
