@@ -54,5 +54,6 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """An exception's message folded onto one line, shortened: errors print one line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

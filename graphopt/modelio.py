@@ -48,7 +48,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, onnx.checker.ValidationError) as err:
         raise ModelError(f"{path}: external data cannot be loaded ({_first_line(err)})") from None
     check_supported_opset(model, path)
     try:
@@ -134,8 +134,11 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         raise OutputPathError(f"{output}: output directory {parent} does not exist")
     if output.is_dir():
         raise OutputPathError(f"{output}: is a directory; give a file name for the output model")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"{output}: output directory {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only file systems
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{output.name}."):
+            pass
+    except OSError as err:
+        raise OutputPathError(f"{output}: output directory {parent} is not writable ({err.strerror or err})") from None
     if input_path is not None and output.exists() and os.path.samefile(output, input_path) and not overwrite_input:
         raise OutputPathError(f"{output}: is the input model; pass --in-place to overwrite it")
     return output
@@ -173,5 +176,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
+    """An exception's message folded onto one line, shortened: errors print one line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

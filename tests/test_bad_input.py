@@ -1,0 +1,111 @@
+"""Bad input gets one line, exit code 2, no traceback; the input is untouched and nothing is written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.fixtures.cases import case_path
+
+GRAPHOPT = str(Path(sys.executable).parent / "graphopt")
+GOOD = case_path("core/conv_stack")
+
+
+def make_bad_inputs(folder: Path) -> dict[str, Path]:
+    good = GOOD.read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": good[: len(good) // 3],
+        "random bytes": bytes(range(256)) * 7 + b"\xff\xfe" * 100,
+        "not a model": onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1]).SerializeToString(),
+    }
+    fails_checker = onnx.load(str(GOOD))
+    fails_checker.graph.node[0].input[1] = "undefined_weight"
+    files["fails onnx.checker"] = fails_checker.SerializeToString()
+    future = onnx.load(str(GOOD))
+    future.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    files["opset newer than onnx supports"] = future.SerializeToString()
+    missing_data = onnx.load(str(GOOD))
+    paths = {}
+    for label, data in files.items():
+        path = folder / f"{label.replace(' ', '_')}.onnx"
+        path.write_bytes(data)
+        paths[label] = path
+    onnx.save_model(missing_data, str(folder / "external.onnx"), save_as_external_data=True, location="external.data", size_threshold=0)
+    (folder / "external.data").unlink()
+    paths["external data missing"] = folder / "external.onnx"
+    paths["missing path"] = folder / "nowhere.onnx"
+    (folder / "a_directory.onnx").mkdir()
+    paths["a directory"] = folder / "a_directory.onnx"
+    return paths
+
+
+EXPECTED = {
+    "empty": "file is empty",
+    "truncated": "not an ONNX model",
+    "random bytes": "not an ONNX model",
+    "not a model": "not an ONNX model",
+    "fails onnx.checker": "fails onnx.checker",
+    "opset newer than onnx supports": "is newer than this onnx",
+    "external data missing": "external data cannot be loaded",
+    "missing path": "no such file",
+    "a directory": "is a directory",
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {p.name: (p.read_bytes() if p.is_file() else None) for p in sorted(folder.iterdir())}
+
+
+def assert_clean_refusal(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("graphopt: error")]) == 1
+
+
+@pytest.mark.parametrize("command", ["run", "verify"])
+@pytest.mark.parametrize("label", list(EXPECTED))
+def test_a_bad_model_is_refused_cleanly(tmp_path, label, command):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    bad = make_bad_inputs(inputs)[label]
+    before = snapshot(inputs)
+    args = ["run", bad, "-o", tmp_path / "out.onnx"] if command == "run" else ["verify", GOOD, bad]
+    result = subprocess.run([GRAPHOPT, *map(str, args)], capture_output=True, text=True)
+    assert_clean_refusal(result, EXPECTED[label])
+    assert snapshot(inputs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "{tmp}/missing_dir/out.onnx"], "does not exist"),
+        (["-o", "/proc/out.onnx"], "is not writable"),
+        (["-o", "{model}"], "is the input model; pass --in-place"),
+        (["-o", "{tmp}"], "is a directory"),
+        (["-o", "{tmp}/out.onnx", "--input-shape", "x=1x3"], "bad --input-shape"),
+        (["-o", "{tmp}/out.onnx", "--input-shape", "images:1x3x8x8"], "not an input; inputs: x"),
+        (["-o", "{tmp}/out.onnx", "--input-shape", "x:1x3"], "has rank 2, the model's input has rank 4"),
+        (["-o", "{tmp}/out.onnx", "--passes", "simplify(optimise=1)"], "unknown option 'optimise'"),
+        (["-o", "{tmp}/out.onnx", "--passes", "simplify,"], "empty item"),
+        (["-o", "{tmp}/out.onnx", "--skip", "nope"], "unknown pass 'nope'"),
+    ],
+)
+def test_bad_arguments_are_refused_cleanly(tmp_path, args, message):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(GOOD.read_bytes())
+    result = subprocess.run([GRAPHOPT, "run", str(model), *[a.format(tmp=tmp_path, model=model) for a in args]],
+                            capture_output=True, text=True)
+    assert_clean_refusal(result, message)
+    assert model.read_bytes() == GOOD.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run([GRAPHOPT, "--debug", "run", str(tmp_path / "nowhere.onnx"), "-o", str(tmp_path / "o.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" in result.stderr
