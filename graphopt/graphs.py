@@ -14,9 +14,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 
+# graphsurgeon imports an unset domain as None; ONNX spells the default domain "" or "ai.onnx".
+DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
 def nodes_with_op(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
     """Top-level nodes of the given op types in the default domain (subgraphs are not entered)."""
-    return [n for n in graph.nodes if n.op in op_types and n.domain in ("", "ai.onnx")]
+    return [n for n in graph.nodes if n.op in op_types and n.domain in DEFAULT_DOMAINS]
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -90,7 +94,7 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor | None = None) -> boo
         return False
     if not is_graph_output(graph, out):
         for consumer in list(out.outputs):
-            consumer.inputs[:] = [keep if t is out else t for t in consumer.inputs]
+            replace_input(consumer, out, keep)
         node.outputs.clear()
         return True
     movable = (
@@ -105,11 +109,16 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor | None = None) -> boo
     producer = keep.inputs[0]
     for consumer in list(keep.outputs):
         if consumer is not node:
-            consumer.inputs[:] = [out if t is keep else t for t in consumer.inputs]
-    producer.outputs[:] = [out if t is keep else t for t in producer.outputs]
+            replace_input(consumer, keep, out)
+    producer.outputs = [out if t is keep else t for t in producer.outputs]
     node.inputs.clear()
     node.outputs.clear()
     return True
+
+
+def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make `consumer` read `new` wherever it read `old` (graphsurgeon keeps both sides in sync)."""
+    consumer.inputs = [new if t is old else t for t in consumer.inputs]
 
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
@@ -123,7 +132,8 @@ def unique_name(graph: gs.Graph, stem: str) -> str:
     The set of taken names is built once per graph and extended here, so passes that create
     thousands of tensors stay linear; passes must take every new name through this function.
     """
-    taken: set[str] | None = getattr(graph, "_graphopt_taken_names", None)
+    # graph.__dict__, not getattr: graphsurgeon's Graph.__getattr__ logs an error for unknown names
+    taken: set[str] | None = graph.__dict__.get("_graphopt_taken_names")
     if taken is None:
         taken = set(graph.tensors()) | {n.name for n in graph.nodes}
         for sub in iter_subgraphs(graph):

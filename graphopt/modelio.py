@@ -26,7 +26,26 @@ PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    """Whether the model is too big to serialize as one protobuf.
+
+    ByteSize() itself fails past 2 GB, so weights are measured tensor by tensor; the margin under
+    the limit covers the (small) rest of the model.
+    """
+    return _weight_bytes(model.graph) >= PROTOBUF_LIMIT
+
+
+def _weight_bytes(graph: onnx.GraphProto) -> int:
+    total = sum(_tensor_bytes(t) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                total += _tensor_bytes(attr.t)
+            total += sum(_weight_bytes(g) for g in [*([attr.g] if attr.HasField("g") else []), *attr.graphs])
+    return total
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

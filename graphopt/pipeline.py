@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from graphopt import modelio
-from graphopt.errors import EquivalenceError
+from graphopt.errors import EquivalenceError, ModelError
 from graphopt.flops import count_flops
 from graphopt.graphs import keep_model_fields, name_unnamed_nodes
 from graphopt.passbase import GraphPass, PassResult
@@ -105,7 +105,7 @@ class Pipeline:
         working = modelio.infer_shapes(working)
         report.nodes_before = len(working.graph.node)
         report.flops_before = count_flops(working).total
-        original = verifier.reference(working) if verifier else None
+        original = _reference_or_explain(verifier, working) if verifier else None
         reference = original
 
         for iteration in range(1, self.max_iterations + 1):
@@ -147,7 +147,10 @@ class Pipeline:
                 return _Attempt(False, error=f"{graph_pass.name} raised {type(err).__name__}: {_one_line(err)}")
             if verifier is None:
                 return _Attempt(True, candidate, result)
-            verdict, outputs = verifier.check(reference, candidate)
+            try:
+                verdict, outputs = verifier.check(reference, candidate)
+            except Exception as err:  # the runtime rejected the rewritten graph: that is a failure too
+                return _Attempt(False, error=f"{verifier.backend} cannot run the rewritten graph: {type(err).__name__}: {_one_line(err)}")
             return _Attempt(verdict.passed, candidate, result, verdict, outputs)
 
         full = attempt(None)
@@ -243,6 +246,17 @@ class Pipeline:
             verdict, _ = verifier.check(original, model)
         worst = verdict.worst
         return FinalCheck(verdict.backend, verdict.passed, verdict.max_abs_err, verdict.max_rel_err, worst.name, worst.describe())
+
+
+def _reference_or_explain(verifier: Verifier, model: onnx.ModelProto) -> Outputs:
+    """Reference outputs of the input model, or a clear error when ORT cannot run it at all."""
+    try:
+        return verifier.reference(model)
+    except Exception as err:  # ORT raises its own types (custom op, unsupported opset, bad type)
+        raise ModelError(
+            f"cannot verify: ONNX Runtime cannot run the input model ({type(err).__name__}: {_one_line(err)}); "
+            "rerun with --no-verify to rewrite without proof"
+        ) from None
 
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:
