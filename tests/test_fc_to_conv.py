@@ -1,0 +1,254 @@
+"""fc-to-conv: Gemm/MatMul linears with constant weights become Conv, FC chains stay 4-D."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt import Pipeline
+from graphopt.modelio import infer_shapes
+from graphopt.passes.fc_to_conv import FcToConv
+from graphopt.passes.simplify import Simplify
+from graphopt.testing import assert_equivalent
+from tests.fixtures.cases import load_case
+from tests.fixtures.zoo import load_zoo_model
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts
+
+
+def case(name: str) -> onnx.ModelProto:
+    return load_case(f"fc_to_conv/{name}")
+
+
+def shapes_with_batch(model: onnx.ModelProto, batch: int = 3) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes with every symbolic dim set to `batch` (1 would hide broadcasting bugs)."""
+    return {
+        vi.name: tuple(d.dim_value if d.HasField("dim_value") else batch for d in vi.type.tensor_type.shape.dim)
+        for vi in model.graph.input
+    }
+
+
+def rewrite(name: str, **options) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
+    model = case(name)
+    out, record = assert_rewrites_equivalently(model, FcToConv(**options), input_shapes=shapes_with_batch(model))
+    return model, out, record
+
+
+def nodes(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def attr(node: onnx.NodeProto, name: str):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def io_signature(values) -> list[tuple[str, bytes]]:
+    return [(v.name, v.type.SerializeToString()) for v in values]
+
+
+# -- 2-D linears -> 1x1 Conv -------------------------------------------------------------------------
+
+
+def test_rewrites_gemm_with_trans_b_into_1x1_conv_folding_alpha_and_beta():
+    model, out, _ = rewrite("gemm_trans_b")
+    assert op_counts(out) == {"Reshape": 1, "Conv": 1, "Flatten": 1}
+    [conv] = nodes(out, "Conv")
+    assert attr(conv, "kernel_shape") == [1, 1]
+    weight, bias = initializer(out, conv.input[1]), initializer(out, conv.input[2])
+    np.testing.assert_allclose(weight, 0.5 * initializer(model, "y_w").reshape(8, 16, 1, 1), rtol=1e-6)
+    np.testing.assert_allclose(bias, 2.0 * initializer(model, "y_b"), rtol=1e-6)
+
+
+def test_rewrites_gemm_without_trans_b_and_with_a_row_bias():
+    model, out, _ = rewrite("gemm_no_trans_b_row_bias")
+    [conv] = nodes(out, "Conv")
+    weight, bias = initializer(out, conv.input[1]), initializer(out, conv.input[2])
+    np.testing.assert_allclose(weight[:, :, 0, 0], 1.5 * initializer(model, "y_w").T, rtol=1e-6)
+    np.testing.assert_allclose(bias, 0.25 * initializer(model, "y_b")[0], rtol=1e-6)
+
+
+def test_spreads_a_one_element_gemm_bias_over_every_channel():
+    _, out, _ = rewrite("gemm_scalar_bias")
+    [conv] = nodes(out, "Conv")
+    assert initializer(out, conv.input[2]).shape == (8,)
+
+
+def test_rewrites_gemm_without_bias_into_conv_without_bias():
+    _, out, _ = rewrite("gemm_no_bias")
+    [conv] = nodes(out, "Conv")
+    assert len(conv.input) == 2
+
+
+def test_keeps_float16_weights_and_outputs_in_float16():
+    model, out, _ = rewrite("gemm_fp16")
+    [conv] = nodes(out, "Conv")
+    assert initializer(out, conv.input[1]).dtype == np.float16
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+def test_folds_matmul_and_its_bias_add_into_one_conv():
+    model, out, _ = rewrite("matmul_add")
+    assert op_counts(out) == {"Reshape": 1, "Conv": 1, "Flatten": 1}
+    [conv] = nodes(out, "Conv")
+    np.testing.assert_array_equal(initializer(out, conv.input[2]), initializer(model, "b"))
+
+
+def test_rewrites_matmul_without_bias():
+    _, out, _ = rewrite("matmul_no_bias")
+    assert op_counts(out) == {"Reshape": 1, "Conv": 1, "Flatten": 1}
+
+
+def test_handles_a_symbolic_batch():
+    model, out, _ = rewrite("gemm_trans_b")
+    [reshape] = nodes(out, "Reshape")
+    assert initializer(out, reshape.input[1]).tolist() == [0, 16, 1, 1]  # 0 copies the batch
+    assert out.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert_equivalent(model, out, input_shapes=shapes_with_batch(model, batch=1))
+
+
+# -- flattened feature maps -> kernel-sized Conv -------------------------------------------------------
+
+
+def test_runs_flatten_of_a_feature_map_as_a_conv_with_a_full_kernel():
+    model, out, record = rewrite("flatten_4d")
+    assert op_counts(out) == {"Conv": 1, "Flatten": 1}
+    [conv] = nodes(out, "Conv")
+    assert conv.input[0] == "x"
+    assert attr(conv, "kernel_shape") == [3, 3]
+    np.testing.assert_array_equal(initializer(out, conv.input[1]), initializer(model, "y_w").reshape(10, 4, 3, 3))
+    assert record.counters["flattens_folded_into_kernel"] == 1
+
+
+def test_keeps_the_flatten_that_something_else_reads():
+    model, out, _ = rewrite("flatten_4d_shared")
+    [conv] = nodes(out, "Conv")
+    assert conv.input[0] == "x"
+    assert sorted(n.output[0] for n in nodes(out, "Flatten")) == ["flat", "y"]
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+@pytest.mark.parametrize("name", ["reshape_4d_keep_batch", "reshape_4d_infer_batch", "reshape_4d_static_batch"])
+def test_runs_reshape_that_flattens_a_feature_map_as_a_full_kernel_conv(name):
+    _, out, _ = rewrite(name)
+    assert op_counts(out) == {"Conv": 1, "Flatten": 1}
+    [conv] = nodes(out, "Conv")
+    assert conv.input[0] == "x" and attr(conv, "kernel_shape") == [3, 3]
+
+
+# -- chains --------------------------------------------------------------------------------------------
+
+
+def test_keeps_an_fc_chain_4d_with_one_flatten_at_the_end():
+    _, out, record = rewrite("chain_relu_dropout")
+    assert op_counts(out) == {"Conv": 2, "Relu": 1, "Dropout": 1, "Flatten": 1}
+    first, second = nodes(out, "Conv")
+    [relu], [dropout], [flatten] = nodes(out, "Relu"), nodes(out, "Dropout"), nodes(out, "Flatten")
+    assert (relu.input[0], dropout.input[0], second.input[0]) == (first.output[0], relu.output[0], dropout.output[0])
+    assert flatten.input[0] == second.output[0] and flatten.output[0] == "y"
+    assert record.sites_found == 1 and record.counters["linears_converted"] == 2
+
+
+def test_gives_chain_tensors_that_others_read_their_own_flatten():
+    model, out, record = rewrite("chain_shared_tensors")
+    assert record.sites_found == 1
+    assert sorted(n.output[0] for n in nodes(out, "Flatten")) == ["h", "logits", "r"]
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+def test_rewrites_each_site_of_a_fork_on_its_own():
+    model = infer_shapes(case("chain_fork"))  # as the pass manager does before every pass
+    sites = FcToConv().apply(model).sites
+    assert len(sites) == 3
+    for site in sites:
+        result = FcToConv().apply(model, only=[site])
+        assert result.applied == [site]
+        onnx.checker.check_model(result.model)
+        assert_equivalent(model, result.model, input_shapes=shapes_with_batch(model))
+
+
+# -- token-wise linears ----------------------------------------------------------------------------------
+
+
+def test_leaves_token_wise_linears_alone_by_default():
+    assert_unchanged(case("token_linear"), FcToConv(), reason="token-wise linear (token_linears=false)")
+
+
+def test_rewrites_token_wise_linears_when_asked():
+    _, out, _ = rewrite("token_linear", token_linears=True)
+    assert op_counts(out)["Conv"] == 1 and "Gemm" not in op_counts(out)
+
+
+# -- what it must leave alone ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("runtime_weight", "weight is not a constant"),
+        ("trans_a", "Gemm with transA=1"),
+        ("two_activation_matmul", "MatMul of two activations"),
+        ("unknown_rank", "input rank unknown"),
+        ("rank3_input", "input has rank 3"),
+        ("row_bias", "Gemm bias of shape [4, 8] is not per-channel"),
+        ("column_bias", "Gemm bias of shape [4, 1] is not per-channel"),
+        ("output_in_subgraph", "output is read inside a subgraph"),
+    ],
+)
+def test_leaves_linears_it_cannot_prove_alone(name, reason):
+    assert_unchanged(case(name), FcToConv(), reason=reason)
+
+
+# -- real architectures ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def simplified(name: str) -> onnx.ModelProto:
+    out, _ = Pipeline([Simplify()], verify=False).run(load_zoo_model(name))
+    return out
+
+
+def rewrite_zoo(name: str, **options) -> tuple[onnx.ModelProto, object]:
+    model = simplified(name)
+    return assert_rewrites_equivalently(model, FcToConv(**options), input_shapes=shapes_with_batch(model, batch=2))
+
+
+@pytest.mark.zoo
+def test_converts_both_gemms_of_fc_head_classifier_into_one_4d_chain():
+    out, record = rewrite_zoo("fc_head_classifier")
+    assert record.sites_found == 1 and record.counters["linears_converted"] == 2
+    counts = op_counts(out)
+    assert "Gemm" not in counts and "Reshape" not in counts and counts["Flatten"] == 1
+    head = nodes(out, "Conv")[-2:]
+    assert [attr(conv, "kernel_shape") for conv in head] == [[4, 4], [1, 1]]
+
+
+@pytest.mark.zoo
+def test_converts_resnet50_flatten_gemm_head_into_a_conv_over_the_pooled_map():
+    out, record = rewrite_zoo("resnet50")
+    assert record.sites_found == 1 and "Gemm" not in op_counts(out)
+    [pool] = nodes(out, "GlobalAveragePool")
+    [head] = [conv for conv in nodes(out, "Conv") if conv.input[0] == pool.output[0]]
+    assert initializer(out, head.input[1]).shape == (1000, 2048, 1, 1)
+
+
+@pytest.mark.zoo
+def test_converts_only_the_vit_classifier_head_by_default():
+    out, record = rewrite_zoo("vit_tiny_patch16_224")
+    assert record.sites_applied == ["/head/Gemm"]
+    assert record.skipped == {"MatMul of two activations": 24, "token-wise linear (token_linears=false)": 48}
+    assert op_counts(out)["MatMul"] == 24 and op_counts(out)["Gemm"] == 48
+
+
+@pytest.mark.zoo
+def test_converts_vit_token_linears_when_asked_and_leaves_attention_alone():
+    out, record = rewrite_zoo("vit_tiny_patch16_224", token_linears=True)
+    assert record.counters["linears_converted"] == 49
+    assert record.skipped == {"MatMul of two activations": 24}
+    assert op_counts(out)["MatMul"] == 24 and "Gemm" not in op_counts(out)

@@ -1,0 +1,291 @@
+"""merge-convs: sibling Convs on one input become one Conv (+ Split), verified equivalent."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graphopt.spec import parse_options
+from passes.merge_convs import FLOPS_GROW, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
+from passes.simplify import Simplify
+from tests.fixtures.cases import load_case
+from tests.fixtures.zoo import load_zoo_model
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts
+
+
+def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    [found] = [n for n in model.graph.node if n.op_type == op]
+    return found
+
+
+def attr(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def constant(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if tensor in n.output)
+
+
+def merged_conv(model: onnx.ModelProto, channels: int) -> onnx.NodeProto:
+    [conv] = [n for n in model.graph.node if n.op_type == "Conv" and constant(model, n.input[1]).shape[0] == channels]
+    return conv
+
+
+def simplified_zoo_model(name: str) -> onnx.ModelProto:
+    return Simplify().apply(load_zoo_model(name)).model
+
+
+# -- horizontal merges ---------------------------------------------------------------------------
+
+
+def test_merges_two_1x1_siblings_into_one_conv_and_a_split():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/two_1x1_siblings"), MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Split": 1}
+    conv, split = only(out, "Conv"), only(out, "Split")
+    assert constant(out, conv.input[1]).shape == (24, 8, 1, 1)
+    assert constant(out, conv.input[2])[16:].tolist() == [0.0] * 8  # the bias-free sibling's share
+    assert attr(split, "axis") == 1 and constant(out, split.input[1]).tolist() == [16, 8]
+    assert list(split.output) == ["ya", "yb"] == [o.name for o in out.graph.output]
+    assert record.counters["convs_merged"] == 2
+
+
+def test_merges_a_fire_module_and_drops_the_split_and_the_concat():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/fire_module"), MergeConvs())
+    assert op_counts(out) == {"Conv": 2, "Relu": 2}
+    conv = merged_conv(out, 16)
+    assert attr(conv, "kernel_shape") == [3, 3] and attr(conv, "pads") == [1, 1, 1, 1]
+    weight = constant(out, conv.input[1])
+    assert np.all(weight[:8, :, [0, 0, 2, 2], [0, 2, 0, 2]] == 0)  # the 1x1 expand sits at the centre
+    assert producer(out, "y").op_type == "Relu" and producer(out, "y").input[0] == conv.output[0]
+    assert record.counters["concats_dropped"] == 1 and record.counters["activations_shared"] == 2
+
+
+def test_merges_siblings_in_the_order_of_their_concat():
+    model = load_case("merge_convs/concat_reversed")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    conv = only(out, "Conv")
+    assert op_counts(out) == {"Conv": 1} and conv.output[0] == "y"
+    weight = constant(out, conv.input[1])
+    np.testing.assert_array_equal(weight[:12], constant(model, "wb"))
+    np.testing.assert_array_equal(weight[12:], constant(model, "wa"))
+
+
+def test_merges_a_detection_head_and_keeps_its_per_branch_sigmoids():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/det_head"), MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Split": 1, "Sigmoid": 2, "Concat": 1}
+    split = only(out, "Split")
+    assert constant(out, split.input[1]).tolist() == [80, 4, 1]
+    assert constant(out, only(out, "Conv").input[1]).shape[0] == 85
+    assert {producer(out, name).op_type for name in ("cls", "box", "obj")} == {"Split"}
+    assert record.counters["convs_merged"] == 3
+
+
+def test_shares_one_relu_when_every_sibling_has_its_own():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/shared_relu"), MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Relu": 1, "Split": 1}
+    assert producer(out, only(out, "Split").input[0]).op_type == "Relu"
+    assert list(only(out, "Split").output) == ["ra", "rb"]
+
+
+def test_shares_a_clip_whose_bounds_are_equal_constants():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/shared_clip"), MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Clip": 1, "Split": 1, "Add": 1}
+    clip = only(out, "Clip")
+    assert [constant(out, name).item() for name in clip.input[1:]] == [0.0, 6.0]
+
+
+def test_keeps_different_activations_after_the_split():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/different_activations"), MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Split": 1, "Relu": 1, "Sigmoid": 1}
+    assert producer(out, only(out, "Relu").input[0]).op_type == "Split"
+    assert producer(out, only(out, "Sigmoid").input[0]).op_type == "Split"
+    assert "activations_shared" not in record.counters
+
+
+def test_merges_siblings_under_a_dynamic_batch():
+    model = load_case("merge_convs/dynamic_batch")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs(), input_shapes={"x": (3, 8, 10, 10)})
+    conv = only(out, "Conv")
+    assert attr(conv, "kernel_shape") == [5, 5] and attr(conv, "pads") == [2, 2, 2, 2]
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_a_sibling_output_that_is_a_graph_output_keeps_its_name():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/sibling_feeds_graph_output"), MergeConvs())
+    assert list(only(out, "Split").output) == ["ya", "yb"]
+    assert [o.name for o in out.graph.output] == ["ya", "ra", "sb"]
+    assert only(out, "Relu").input[0] == "ya" and only(out, "Sigmoid").input[0] == "yb"
+
+
+def test_pads_a_dilated_kernel_by_whole_taps_and_the_pads_by_dilation():
+    model = load_case("merge_convs/dilated")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    conv = only(out, "Conv")
+    assert attr(conv, "kernel_shape") == [3, 3] and attr(conv, "pads") == [2, 2, 2, 2]
+    assert attr(conv, "dilations") == [2, 2]
+    weight = constant(out, conv.input[1])
+    np.testing.assert_array_equal(weight[6:, :, 1:2, 1:2], constant(model, "wb"))
+
+
+def test_places_an_off_centre_kernel_at_its_first_tap():
+    model = load_case("merge_convs/strided_shifted")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    conv = only(out, "Conv")
+    assert attr(conv, "pads") == [1, 1, 1, 1] and attr(conv, "strides") == [2, 2]
+    weight = constant(out, conv.input[1])
+    np.testing.assert_array_equal(weight[4:, :, :2, :2], constant(model, "wb"))
+    assert not weight[4:, :, 2, :].any() and not weight[4:, :, :, 2].any()
+
+
+def test_merges_1x3_and_3x1_siblings_into_3x3_when_flop_growth_allows():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/inception_1x3_3x1"), MergeConvs(max_flop_growth=3.0))
+    conv = only(out, "Conv")
+    assert attr(conv, "kernel_shape") == [3, 3] and attr(conv, "pads") == [1, 1, 1, 1]
+    assert record.details[0]["flop_growth"] == 3.0
+
+
+def test_leaves_1x3_and_3x1_siblings_alone_by_default():
+    assert_unchanged(load_case("merge_convs/inception_1x3_3x1"), MergeConvs(), reason=FLOPS_GROW)
+
+
+def test_merges_only_identical_kernels_when_the_whole_group_would_grow_flops_too_much():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/three_siblings_mixed"), MergeConvs())
+    assert op_counts(out) == {"Conv": 2, "Split": 1}
+    assert constant(out, merged_conv(out, 16).input[1]).shape == (16, 4, 1, 1)
+    assert producer(out, "yc").name == "conv_yc"
+    assert record.skipped == {FLOPS_GROW: 1}
+
+
+def test_gives_split_sizes_as_an_attribute_before_opset_13():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/opset11"), MergeConvs())
+    split = only(out, "Split")
+    assert list(split.input) == [only(out, "Conv").output[0]] and attr(split, "split") == [6, 2]
+
+
+def test_merges_float16_siblings_in_float16():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/fp16_siblings"), MergeConvs())
+    conv = only(out, "Conv")
+    assert constant(out, conv.input[1]).dtype == np.float16 and constant(out, conv.input[2]).dtype == np.float16
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_leaves_a_group_wider_than_max_out_channels_alone():
+    assert_unchanged(load_case("merge_convs/two_1x1_siblings"), MergeConvs(max_out_channels=16), reason=TOO_WIDE)
+
+
+def test_leaves_a_group_smaller_than_min_siblings_alone():
+    assert_unchanged(load_case("merge_convs/two_1x1_siblings"), MergeConvs(min_siblings=3), reason=TOO_FEW)
+
+
+def test_reads_its_options_from_a_spec():
+    options = parse_options(MergeConvs, "max-out-channels=none,max-flop-growth=3,min-siblings=3,vertical=true")
+    assert options == {"max_out_channels": None, "max_flop_growth": 3.0, "min_siblings": 3, "vertical": True}
+
+
+@pytest.mark.parametrize("options", [{"min_siblings": 1}, {"max_out_channels": 1}, {"max_flop_growth": 0.5}])
+def test_rejects_options_out_of_range(options):
+    with pytest.raises(ValueError):
+        MergeConvs(**options)
+
+
+# -- must not touch ------------------------------------------------------------------------------
+
+
+def test_leaves_siblings_with_different_strides_alone():
+    assert_unchanged(load_case("merge_convs/different_strides"), MergeConvs(), reason=NO_GEOMETRY_MATCH)
+
+
+def test_leaves_a_grouped_sibling_alone():
+    assert_unchanged(load_case("merge_convs/grouped_conv"), MergeConvs(), reason="grouped convolution (group != 1)")
+
+
+def test_leaves_siblings_with_different_dilations_alone():
+    assert_unchanged(load_case("merge_convs/different_dilation"), MergeConvs(), reason=NO_GEOMETRY_MATCH)
+
+
+def test_leaves_a_sibling_with_a_runtime_weight_alone():
+    assert_unchanged(load_case("merge_convs/runtime_weight"), MergeConvs(), reason="weight is not a constant")
+
+
+def test_leaves_a_single_conv_alone():
+    record = assert_unchanged(load_case("merge_convs/single_conv"), MergeConvs(vertical=True))
+    assert record.sites_found == 0
+
+
+def test_leaves_siblings_whose_pads_give_different_output_shapes_alone():
+    assert_unchanged(load_case("merge_convs/incompatible_pads"), MergeConvs(), reason=NO_GEOMETRY_MATCH)
+
+
+def test_leaves_quantized_siblings_alone():
+    record = assert_unchanged(load_case("merge_convs/qdq_siblings"), MergeConvs())
+    assert record.skipped == {"quantized weight (Q/DQ): quantized siblings are not merged": 2}
+
+
+# -- vertical ------------------------------------------------------------------------------------
+
+
+def test_composes_a_1x1_into_the_conv_after_it_when_asked():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/pointwise_then_3x3"), MergeConvs(vertical=True))
+    conv = only(out, "Conv")
+    assert constant(out, conv.input[1]).shape == (8, 4, 3, 3) and conv.output[0] == "y"
+    assert record.details[0]["flops_after"] < record.details[0]["flops_before"]
+
+
+def test_does_not_compose_convs_by_default():
+    assert_unchanged(load_case("merge_convs/pointwise_then_3x3"), MergeConvs())
+
+
+def test_composes_into_a_padded_conv_when_the_1x1_has_no_bias():
+    out, _ = assert_rewrites_equivalently(load_case("merge_convs/pointwise_no_bias_then_padded_3x3"), MergeConvs(vertical=True))
+    assert attr(only(out, "Conv"), "pads") == [1, 1, 1, 1]
+
+
+def test_does_not_compose_when_padding_would_expose_the_1x1_bias():
+    assert_unchanged(
+        load_case("merge_convs/pointwise_then_padded_3x3"), MergeConvs(vertical=True),
+        reason="vertical: second conv pads its input and the 1x1 conv has a non-zero bias (borders would differ)",
+    )
+
+
+def test_does_not_compose_when_that_grows_the_flops():
+    assert_unchanged(
+        load_case("merge_convs/bottleneck_then_3x3"), MergeConvs(vertical=True), reason="vertical: composing would grow the FLOPs"
+    )
+
+
+# -- real architectures --------------------------------------------------------------------------
+
+
+@pytest.mark.zoo
+def test_merges_every_squeezenet_fire_module_without_split_or_concat():
+    out, record = assert_rewrites_equivalently(simplified_zoo_model("squeezenet1_0"), MergeConvs())
+    assert len(record.sites_applied) == 8
+    assert record.counters["concats_dropped"] == 8
+    assert op_counts(out)["Conv"] == 26 - 8 and "Concat" not in op_counts(out) and "Split" not in op_counts(out)
+
+
+@pytest.mark.zoo
+def test_merges_the_1x1_branches_of_every_googlenet_inception_block():
+    out, record = assert_rewrites_equivalently(simplified_zoo_model("googlenet"), MergeConvs())
+    assert len(record.sites_applied) == 9 and record.counters["convs_merged"] == 27
+    assert op_counts(out)["Split"] == 9
+
+
+@pytest.mark.zoo
+def test_merges_the_1x1_branches_of_every_inception_v3_block():
+    out, record = assert_rewrites_equivalently(simplified_zoo_model("inception_v3"), MergeConvs())
+    assert len(record.sites_applied) == 10 and record.counters["convs_merged"] == 29
+    assert record.skipped == {FLOPS_GROW: 4, NO_GEOMETRY_MATCH: 2}  # 1x3 + 3x1 pairs; Mixed_6a's strides
+
+
+@pytest.mark.zoo
+def test_merges_the_cls_box_obj_convs_of_a_detection_head():
+    out, record = assert_rewrites_equivalently(simplified_zoo_model("det_head"), MergeConvs())
+    assert record.sites_applied == ["/cls/Conv,/box/Conv,/obj/Conv"]
+    assert constant(out, only(out, "Split").input[1]).tolist() == [80, 4, 1]
