@@ -1,0 +1,56 @@
+"""A model over 2 GB: loaded with external data, rewritten, verified, and saved with external data."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+GRAPHOPT = str(Path(sys.executable).parent / "graphopt")
+COLUMNS = (2**31 // 4) // 8 + 2**20  # 8 x COLUMNS float32 weights: just over 2 GiB
+
+
+@pytest.fixture(scope="module")
+def large_model(tmp_path_factory) -> Path:
+    """x[1,8] @ W[8, COLUMNS] * 1 -> Relu, with W in an external data file written directly.
+
+    Built on the fly and deleted after: a ModelProto holding the weights could not be serialized.
+    """
+    folder = tmp_path_factory.mktemp("large")
+    rng = np.random.default_rng(0)
+    with open(folder / "large.onnx.data", "wb") as data:
+        for _ in range(8):
+            data.write(rng.standard_normal(COLUMNS, dtype=np.float32).tobytes())
+    weight = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[8, COLUMNS], data_location=TensorProto.EXTERNAL)
+    for key, value in {"location": "large.onnx.data", "offset": "0", "length": str(8 * COLUMNS * 4)}.items():
+        weight.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="matmul"),
+         helper.make_node("Mul", ["m", "one"], ["s"], name="mul_one"),
+         helper.make_node("Relu", ["s"], ["y"], name="relu")],
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, COLUMNS])],
+        [weight, numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(folder / "large.onnx"))
+    return folder / "large.onnx"
+
+
+@pytest.mark.slow
+def test_a_model_over_2gb_is_optimized_and_saved_with_external_data(large_model, tmp_path):
+    before = large_model.stat().st_mtime_ns, (large_model.parent / "large.onnx.data").stat().st_size
+    out = tmp_path / "large.opt.onnx"
+    result = subprocess.run([GRAPHOPT, "run", str(large_model), "-o", str(out), "--report", str(tmp_path / "r.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "whole pipeline: equivalent on onnxruntime" in result.stdout, result.stdout
+    assert (tmp_path / "large.opt.onnx.data").stat().st_size > 2**31
+    assert out.stat().st_size < 2**20  # the weights live in the external data file
+    assert before == (large_model.stat().st_mtime_ns, (large_model.parent / "large.onnx.data").stat().st_size)
+    onnx.checker.check_model(str(out), full_check=True)
