@@ -1,0 +1,384 @@
+"""pad-channels: unaligned conv channels padded with zero filters, carried, absorbed or sliced back."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graphopt import Pipeline
+from graphopt.modelio import infer_shapes
+from graphopt.verify import Verifier
+from passes.pad_channels import (
+    SKIP_ALIGNED,
+    SKIP_FIRST_LAYER,
+    SKIP_OVERHEAD,
+    SKIP_QUANT_LAYOUT,
+    SKIP_SUBGRAPH,
+    SKIP_WEIGHT,
+    PadChannels,
+)
+from passes.simplify import Simplify
+from tests.fixtures.cases import load_case
+from tests.fixtures.zoo import load_zoo_model
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts
+
+# -- reading the rewritten model --------------------------------------------------------------------
+
+
+def node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    [found] = [n for n in model.graph.node if n.name == name]
+    return found
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    found = [a for a in node.attribute if a.name == name]
+    return onnx.helper.get_attribute_value(found[0]) if found else default
+
+
+def value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    [found] = [t for t in model.graph.initializer if t.name == name]
+    return numpy_helper.to_array(found)
+
+
+def conv_weight(model: onnx.ModelProto, conv: str) -> np.ndarray:
+    return value(model, node_named(model, conv).input[1])
+
+
+def conv_bias(model: onnx.ModelProto, conv: str) -> np.ndarray:
+    return value(model, node_named(model, conv).input[2])
+
+
+def dims(model: onnx.ModelProto, tensor: str) -> list:
+    infos = [*model.graph.input, *model.graph.value_info, *model.graph.output]
+    [info] = [vi for vi in infos if vi.name == tensor]
+    return [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+
+
+def readers(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if tensor in n.input]
+
+
+def producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
+    [found] = [n for n in model.graph.node if tensor in n.output]
+    return found
+
+
+# -- the rewrite itself -----------------------------------------------------------------------------
+
+
+def test_pads_17_output_channels_to_24_with_zero_filters_and_bias():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_17"), PadChannels())
+    weight, bias = conv_weight(out, "conv1"), conv_bias(out, "conv1")
+    assert weight.shape == (24, 16, 3, 3) and bias.shape == (24,)
+    assert not weight[17:].any() and not bias[17:].any()
+    assert record.counters["channels_padded"] == 7
+
+
+def test_gives_the_consumer_conv_zero_input_weights():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_17"), PadChannels())
+    weight = conv_weight(out, "conv2")
+    assert weight.shape == (16, 24, 3, 3)
+    assert not weight[:, 17:].any()
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_carries_padding_through_batchnorm_sigmoid_and_per_channel_constants():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/bn_sigmoid_mul_30"), PadChannels())
+    bn = node_named(out, "batchnormalization_bn")
+    scale, bias, mean, var = (value(out, name) for name in bn.input[1:])
+    assert [p.shape for p in (scale, bias, mean, var)] == [(32,)] * 4
+    np.testing.assert_array_equal(np.stack([scale[30:], bias[30:], mean[30:], var[30:]]), [[1, 1], [0, 0], [0, 0], [1, 1]])
+    assert value(out, node_named(out, "mul_m").input[1]).shape == (1, 32, 1, 1)
+    assert value(out, node_named(out, "add_a").input[0]).shape == (32, 1, 1)
+    np.testing.assert_array_equal(value(out, node_named(out, "div_d").input[1])[30:], 1.0)  # never divide by 0
+    assert conv_weight(out, "conv2").shape == (16, 32, 3, 3)
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_slices_back_before_concat_and_flatten():
+    model = load_case("pad_channels/concat_flatten_100")
+    out, record = assert_rewrites_equivalently(model, PadChannels())
+    assert conv_weight(out, "conv1").shape[0] == 104
+    assert op_counts(out)["Slice"] == 2 and record.counters["slices_inserted"] == 2
+    assert producer(out, node_named(out, "concat_cat").input[0]).op_type == "Slice"
+    assert producer(out, node_named(out, "flatten_flat").input[0]).op_type == "Slice"
+    assert dims(out, "cat") == dims(model, "cat") == ["batch", 116, 7, 7]
+
+
+def test_graph_output_keeps_its_name_and_shape():
+    model = load_case("pad_channels/graph_output_17")
+    out, _ = assert_rewrites_equivalently(model, PadChannels())
+    assert [o.name for o in out.graph.output] == ["features", "y"]
+    assert dims(out, "features") == ["batch", 17, 14, 14]
+    assert producer(out, "features").op_type == "Slice"
+    assert conv_weight(out, "conv2").shape == (16, 24, 3, 3)  # conv2 still reads the padded tensor
+
+
+def test_carries_padding_through_a_depthwise_conv():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/depthwise_17"), PadChannels())
+    assert attr(node_named(out, "dw"), "group") == 24
+    assert conv_weight(out, "dw").shape == (24, 1, 3, 3) and not conv_weight(out, "dw")[17:].any()
+    assert conv_weight(out, "conv2").shape == (16, 24, 1, 1)
+    assert record.counters["depthwise_convs_carried"] == 1 and op_counts(out)["Slice"] == 0
+
+
+def test_slices_back_before_a_grouped_conv():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/grouped_consumer_18"), PadChannels())
+    grouped = node_named(out, "conv2")
+    assert producer(out, grouped.input[0]).op_type == "Slice"
+    assert conv_weight(out, "conv2").shape == (18, 9, 3, 3)
+
+
+def test_adds_an_unread_trailing_split_output_to_a_merged_head():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/merged_head_split_85"), PadChannels())
+    split = node_named(out, "split_cls")
+    assert conv_weight(out, "head").shape[0] == 88
+    assert list(value(out, split.input[1])) == [80, 4, 1, 3]
+    assert len(split.output) == 4 and not readers(out, split.output[3])
+    assert record.counters["split_outputs_added"] == 1 and op_counts(out)["Slice"] == 0
+
+
+def test_gives_split_with_num_outputs_explicit_sizes():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/split_num_outputs_30"), PadChannels())
+    split = node_named(out, "split_a")
+    assert attr(split, "num_outputs") is None
+    assert list(value(out, split.input[1])) == [10, 10, 10, 2]
+
+
+def test_pads_both_addends_of_a_residual_add_as_one_site():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/residual_add_30"), PadChannels())
+    assert record.sites_applied == ["conv:conv_a,conv_b"]
+    assert conv_weight(out, "conv_a").shape == (32, 16, 3, 3)
+    weight_b = conv_weight(out, "conv_b")
+    assert weight_b.shape == (32, 32, 3, 3) and not weight_b[30:].any() and not weight_b[:, 30:].any()
+    assert conv_weight(out, "conv_c").shape == (16, 32, 3, 3)
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_slices_back_an_addend_whose_partner_cannot_be_padded():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/residual_from_input_17"), PadChannels())
+    add = node_named(out, "add_s")
+    assert producer(out, add.input[0]).op_type == "Slice" and add.input[1] == "x"
+    assert conv_weight(out, "conv2").shape == (16, 17, 3, 3)
+
+
+def test_pads_silu_squeeze_excite_where_both_mul_operands_are_padded():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/silu_se_6"), PadChannels())
+    assert conv_weight(out, "fc1").shape == (8, 48, 1, 1)
+    assert conv_weight(out, "fc2").shape == (48, 8, 1, 1)
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_adopts_the_gate_conv_of_a_30_channel_squeeze_excite():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/se_reduce_mean_30"), PadChannels())
+    assert record.sites_applied == ["conv:conv1,fc"]
+    assert conv_weight(out, "fc").shape == (32, 32, 1, 1)
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_slices_back_before_the_padded_tensor_becomes_a_divisor():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/divided_by_padded_17"), PadChannels())
+    assert producer(out, node_named(out, "div_d").input[1]).op_type == "Slice"
+
+
+def test_pads_per_channel_quantized_weights_consistently():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_channel_17"), PadChannels())
+    dq1 = producer(out, node_named(out, "conv1").input[1])
+    q1, scale1, zero1 = (value(out, name) for name in dq1.input)
+    assert q1.shape == (24, 16, 3, 3) and q1.dtype == np.int8 and not q1[17:].any()
+    assert scale1.shape == (24,) and zero1.shape == (24,) and (scale1[17:] == 1).all()
+    dq2 = producer(out, node_named(out, "conv2").input[1])
+    q2 = value(out, dq2.input[0])
+    assert q2.shape == (16, 24, 3, 3) and not q2[:, 17:].any()
+
+
+def test_pads_per_channel_activation_quantization_scales():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_activation_per_channel_17"), PadChannels())
+    quantize = node_named(out, "quantizelinear_rq")
+    scale, zero_point = value(out, quantize.input[1]), value(out, quantize.input[2])
+    assert scale.shape == zero_point.shape == (24,) and (scale[17:] == 1).all() and not zero_point[17:].any()
+    dequantize = node_named(out, "dequantizelinear_rd")
+    assert value(out, dequantize.input[1]).shape == (24,)
+    weight_dq = producer(out, node_named(out, "conv2").input[1])
+    assert value(out, weight_dq.input[0]).shape == (16, 24, 3, 3)
+
+
+def test_carries_padding_through_pools_and_every_listed_activation():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/pool_chain_17"), PadChannels())
+    assert conv_weight(out, "conv1").shape == (24, 16, 3, 3) and len(node_named(out, "conv1").input) == 2
+    assert conv_weight(out, "conv2").shape == (16, 24, 3, 3)
+    assert op_counts(out)["Slice"] == 0
+
+
+def test_extends_split_sizes_given_as_an_attribute_before_opset_13():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/split_attr_opset11"), PadChannels())
+    split = node_named(out, "split_cls")
+    assert attr(split, "split") == [80, 4, 1, 3] and len(split.output) == 4
+
+
+def test_keeps_float16_weights_in_float16():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/fp16_chain_30"), PadChannels())
+    assert conv_weight(out, "conv1").dtype == np.float16 and conv_weight(out, "conv1").shape[0] == 32
+    assert conv_weight(out, "conv2").dtype == np.float16
+
+
+def test_works_with_a_dynamic_batch():
+    model = load_case("pad_channels/bn_sigmoid_mul_30")
+    out, _ = assert_rewrites_equivalently(model, PadChannels(), input_shapes={"x": (3, 16, 14, 14)})
+    assert dims(out, "x") == ["batch", 16, 14, 14] and dims(out, "y") == ["batch", 16, 14, 14]
+
+
+def test_any_subset_of_sites_rewrites_equivalently():
+    model = infer_shapes(load_case("pad_channels/two_sites_share_conv"))
+    graph_pass = PadChannels()
+    sites = graph_pass.apply(model).sites
+    assert sites == ["conv:conv1", "conv:conv2"]
+    verifier = Verifier(model)
+    reference = verifier.reference(model)
+    for size in (1, 2):
+        for subset in combinations(sites, size):
+            result = graph_pass.apply(model, only=list(subset))
+            verdict, _ = verifier.check(reference, infer_shapes(result.model))
+            assert verdict.passed, (subset, verdict.worst.describe())
+    assert conv_weight(graph_pass.apply(model).model, "conv2").shape == (32, 24, 3, 3)
+
+
+def test_is_idempotent():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/two_sites_share_conv"), PadChannels())
+    assert_unchanged(out, PadChannels(), reason=SKIP_ALIGNED)
+
+
+# -- alignment and options --------------------------------------------------------------------------
+
+
+def test_int8_pads_to_multiples_of_32():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_100"), PadChannels(precision="int8"))
+    assert conv_weight(out, "conv1").shape[0] == 128 and conv_weight(out, "conv2").shape[1] == 128
+
+
+def test_int8_pads_a_layer_aligned_only_to_8():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/aligned_24"), PadChannels(precision="int8"))
+    assert conv_weight(out, "conv1").shape[0] == 32
+
+
+def test_explicit_align_16_overrides_precision():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_100"), PadChannels(precision="int8", align=16))
+    assert conv_weight(out, "conv1").shape[0] == 112
+
+
+def test_fp16_default_pads_100_to_104_only():
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_100"), PadChannels())
+    assert conv_weight(out, "conv1").shape[0] == 104
+
+
+def test_reports_channels_and_flop_overhead_per_touched_conv():
+    _, record = assert_rewrites_equivalently(load_case("pad_channels/relu_chain_17"), PadChannels())
+    conv1, conv2 = record.details
+    assert conv1["conv"] == "conv1" and conv1["out_channels"] == [17, 24] and conv1["in_channels"] == [16, 16]
+    assert conv2["conv"] == "conv2" and conv2["out_channels"] == [16, 16] and conv2["in_channels"] == [17, 24]
+    assert conv1["flops_overhead"] == pytest.approx(7 / 17, abs=1e-4)
+    assert conv1["site_flops_overhead"] == pytest.approx(7 / 17, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"align": 12}, {"max_overhead": -0.1}, {"precision": "fp8"}])
+def test_rejects_invalid_options(options):
+    with pytest.raises(ValueError):
+        PadChannels(**options)
+
+
+# -- declines ---------------------------------------------------------------------------------------
+
+
+def test_leaves_an_aligned_conv_alone():
+    assert_unchanged(load_case("pad_channels/aligned_24"), PadChannels(), reason=SKIP_ALIGNED)
+
+
+def test_declines_a_1_to_8_pad_over_max_overhead():
+    assert_unchanged(load_case("pad_channels/tiny_out_1"), PadChannels(), reason=SKIP_OVERHEAD)
+
+
+def test_pads_a_3_channel_head_only_when_overhead_is_allowed():
+    model = load_case("pad_channels/head_3")
+    assert_unchanged(model, PadChannels(), reason=SKIP_OVERHEAD)
+    out, _ = assert_rewrites_equivalently(model, PadChannels(max_overhead=2.0))
+    assert conv_weight(out, "head").shape[0] == 8
+    assert producer(out, "y").op_type == "Slice" and dims(out, "y") == ["batch", 3, 14, 14]
+
+
+def test_leaves_first_layer_input_channels_alone_by_default():
+    assert_unchanged(load_case("pad_channels/first_layer_3"), PadChannels(), reason=SKIP_FIRST_LAYER)
+
+
+def test_pads_first_layer_input_channels_when_asked():
+    model = load_case("pad_channels/first_layer_3")
+    assert_unchanged(model, PadChannels(pad_first_layer=True), reason=SKIP_OVERHEAD)  # 3 -> 8 adds 167%
+    out, record = assert_rewrites_equivalently(model, PadChannels(pad_first_layer=True, max_overhead=2.0))
+    pad = producer(out, node_named(out, "stem").input[0])
+    assert pad.op_type == "Pad" and pad.input[0] == "x"
+    weight = conv_weight(out, "stem")
+    assert weight.shape == (16, 8, 3, 3) and not weight[:, 3:].any()
+    assert record.counters["input_channels_padded"] == 5 and dims(out, "x") == ["batch", 3, 16, 16]
+
+
+def test_declines_when_a_subgraph_reads_the_padded_tensor():
+    assert_unchanged(load_case("pad_channels/subgraph_reads_17"), PadChannels(), reason=SKIP_SUBGRAPH)
+
+
+def test_declines_a_conv_with_runtime_weights():
+    assert_unchanged(load_case("pad_channels/runtime_weight_17"), PadChannels(), reason=SKIP_WEIGHT)
+
+
+def test_skips_weights_quantized_along_input_channels():
+    assert_unchanged(load_case("pad_channels/qdq_weight_axis1_17"), PadChannels(), reason=SKIP_QUANT_LAYOUT)
+
+
+# -- real architectures -----------------------------------------------------------------------------
+
+
+def run_on_zoo(name: str, **options):
+    out, report = Pipeline([Simplify(), PadChannels(**options)]).run(load_zoo_model(name))
+    record = report.passes[-1]
+    for detail in record.details:  # never grow an aligned channel count
+        for before, after in (detail["out_channels"], detail["in_channels"]):
+            assert before == after or (before % 8 != 0 and after % 8 == 0), detail
+    return out, record, report
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name, convs, depthwise", [("squeezenet1_0", 26, 0), ("googlenet", 57, 0), ("mobilenet_v2", 35, 17)])
+def test_leaves_8_aligned_architectures_alone(name, convs, depthwise):
+    _, record, _ = run_on_zoo(name)
+    assert record.status == "unchanged" and not record.details
+    assert record.skipped[SKIP_ALIGNED] == convs
+    assert record.skipped.get("grouped or depthwise conv", 0) == depthwise
+    assert record.skipped[SKIP_FIRST_LAYER] == 1  # the RGB stem
+
+
+@pytest.mark.zoo
+def test_det_head_box_and_objectness_convs_are_declined_for_overhead_by_default():
+    _, record, _ = run_on_zoo("det_head")
+    assert record.status == "unchanged" and record.skipped[SKIP_OVERHEAD] == 2  # 4 -> 8 (+100%), 1 -> 8 (+700%)
+
+
+@pytest.mark.zoo
+def test_det_head_heads_are_sliced_back_before_concat_when_overhead_is_allowed():
+    out, record, report = run_on_zoo("det_head", max_overhead=8.0)
+    assert record.status == "changed" and len(record.sites_applied) == 2 and report.final.passed
+    assert record.counters["slices_inserted"] == 2
+    concat = [n for n in out.graph.node if n.op_type == "Concat"][0]
+    # box: Conv(4->8) -> Slice; objectness: Conv(1->8) -> Sigmoid (carried) -> Slice.
+    assert [producer(out, t).op_type for t in concat.input] == ["Sigmoid", "Slice", "Slice"]
+    assert dims(out, "output") == ["batch", 85, 20, 20]
+
+
+@pytest.mark.zoo
+def test_efficientnet_b0_pads_squeeze_excite_convs_within_overhead():
+    _, record, report = run_on_zoo("efficientnet_b0")
+    assert record.status == "changed" and report.final.passed
+    # SE squeeze convs of 6, 20 and 28 channels (8 of them) are padded; 4 and 10 (+100%, +60%) are not.
+    assert len(record.sites_applied) == 8 and record.skipped[SKIP_OVERHEAD] == 3
+    assert record.counters["channels_padded"] == 28 and "slices_inserted" not in record.counters
