@@ -183,7 +183,10 @@ def _si(value: float) -> str:
 def list_passes() -> None:
     """List every registered pass, its summary and options."""
     order = default_order()
-    for name, cls in available_passes().items():
+    passes = available_passes()
+    # `all` order first, as users will run them; passes outside `all` after, by name
+    for name in order + [n for n in passes if n not in order]:
+        cls = passes[name]
         position = f"all #{order.index(name) + 1}" if name in order else "not in all"
         click.echo(f"{name}  [{position}]\n    {cls.summary}\n    options: {describe_options(cls)}")
 

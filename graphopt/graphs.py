@@ -123,7 +123,8 @@ def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
     """A new initializer with a name not yet used in the graph."""
-    return gs.Constant(unique_name(graph, stem), np.ascontiguousarray(values))
+    # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
+    return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
 def unique_name(graph: gs.Graph, stem: str) -> str:

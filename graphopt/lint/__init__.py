@@ -1,0 +1,78 @@
+"""`graphopt lint`: a TensorRT readiness report for an ONNX model.
+
+    from graphopt.lint import lint_model
+    report = lint_model(onnx.load("model.onnx"), precision="int8")
+    for finding in report.findings:
+        print(finding.code, finding.nodes, finding.detail, finding.fix_pass)
+
+Each finding names the nodes involved, a severity, why TensorRT runs them worse, and the
+graphopt pass that fixes it (or None). The checks, one module each: fusion blockers,
+quantization continuity (int8 only), channel alignment, sibling Convs TensorRT will not merge,
+and ONNX-TensorRT parser support. docs/lint.md documents the codes and the JSON schema.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import onnx
+
+from graphopt import modelio
+from graphopt.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
+from graphopt.graphs import name_unnamed_nodes
+from graphopt.lint import alignment, fusion, merging, parser_support, quantization
+from graphopt.lint.context import QDQ_OPS, build_context
+from graphopt.lint.findings import PRECISIONS, SCHEMA_VERSION, Finding, Kind, LintReport, Precision
+from graphopt.lint.render import diff_findings, format_findings
+
+# The parser rejects the model: same exit status as a failed check elsewhere in graphopt.
+EXIT_LINT_ERRORS = EXIT_NOT_EQUIVALENT
+
+
+def lint_model(model: onnx.ModelProto, precision: Precision | None = None, name: str | None = None) -> LintReport:
+    """Lint a model (not modified). `precision` defaults to int8 for Q/DQ models, else fp16."""
+    if precision is None:
+        precision = "int8" if any(n.op_type in QDQ_OPS for n in model.graph.node) else "fp16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    name_unnamed_nodes(prepared)  # findings name nodes; exporters leave some unnamed
+    ctx = build_context(prepared, precision)
+    findings = [
+        *parser_support.check(ctx, prepared),
+        *fusion.check(ctx),
+        *quantization.check(ctx),
+        *alignment.check(ctx),
+        *merging.check(ctx),
+    ]
+    return LintReport(name or prepared.graph.name or "model", precision, ctx.total_flops, findings, ctx.notes)
+
+
+def lint_command_impl(model_path: str | os.PathLike, precision: Precision | None, json_path: str | os.PathLike | None) -> int:
+    """`graphopt lint`: print the report, write JSON if asked; exit 1 when the parser would reject it.
+
+    Bad input raises ModelError/OutputPathError, which the CLI turns into one line and exit 2.
+    """
+    model = modelio.load_model(model_path)
+    target = modelio.check_output_path(json_path, None, overwrite_input=False) if json_path else None
+    report = lint_model(model, precision, name=Path(model_path).name)
+    click.echo(format_findings(report))
+    if target is not None:
+        modelio.write_text_atomic(target, report.to_json())
+    return EXIT_LINT_ERRORS if report.has_errors else EXIT_OK
+
+
+__all__ = [
+    "EXIT_LINT_ERRORS",
+    "SCHEMA_VERSION",
+    "Finding",
+    "Kind",
+    "LintReport",
+    "diff_findings",
+    "format_findings",
+    "lint_command_impl",
+    "lint_model",
+]

@@ -1,0 +1,120 @@
+"""What `graphopt lint` reports: finding kinds, findings, and the report with its JSON form.
+
+A `Kind` is one class of problem: a stable code (`GO-ALIGN-001`), a name, a severity and the
+one sentence on why TensorRT runs it worse. Each check module declares its kinds and calls
+`kind.at(...)` for every site it finds. The JSON schema is documented in docs/lint.md; bump
+`SCHEMA_VERSION` whenever a field changes meaning or disappears (adding a field does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from graphopt.lint import trt_parser_ops
+
+SCHEMA_VERSION = 1
+
+Severity = Literal["error", "warning", "info"]
+# error: the TensorRT parser rejects the model; warning: it builds, but slower than it could;
+# info: worth knowing (a rewrite graphopt offers, a profile the engine will need).
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
+
+Precision = Literal["fp16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Kind:
+    code: str
+    name: str
+    category: str  # fusion, quantization, alignment, merging, parser
+    severity: Severity
+    why: str  # one sentence: why TensorRT runs this worse
+    reference: str | None = None
+
+    def at(
+        self,
+        nodes: Sequence[str],
+        detail: str,
+        *,
+        fix_pass: str | None = None,
+        severity: Severity | None = None,
+        flops_share: float | None = None,
+        extra_flops_share: float | None = None,
+        rule: str | None = None,
+    ) -> Finding:
+        return Finding(
+            code=self.code, name=self.name, category=self.category, severity=severity or self.severity,
+            nodes=tuple(nodes), detail=detail, why=self.why, fix_pass=fix_pass, flops_share=flops_share,
+            extra_flops_share=extra_flops_share, rule=rule, reference=self.reference,
+        )
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    name: str
+    category: str
+    severity: Severity
+    nodes: tuple[str, ...]  # node names, the first one is where to look
+    detail: str  # what was found, at which nodes
+    why: str
+    fix_pass: str | None  # a pipeline spec that fixes it, e.g. "pad-channels(align=16)"; None: no pass does
+    flops_share: float | None = None  # of the model's dense-layer FLOPs: the layers this finding is about
+    extra_flops_share: float | None = None  # what the fix would add, as a share of the model's FLOPs
+    rule: str | None = None  # the rule broken, where a kind has several (alignment)
+    reference: str | None = None
+
+    @property
+    def key(self) -> tuple[str, tuple[str, ...], str | None]:
+        """What identifies a finding across two lint runs of related models."""
+        return self.code, self.nodes, self.rule
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["nodes"] = list(self.nodes)
+        return data
+
+
+@dataclass
+class LintReport:
+    model: str
+    precision: Precision
+    total_flops: int
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the lint could not judge, and summaries
+
+    def count(self, severity: Severity) -> int:
+        return sum(f.severity == severity for f in self.findings)
+
+    @property
+    def has_errors(self) -> bool:
+        return self.count("error") > 0
+
+    def codes(self) -> Counter:
+        return Counter(f.code for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "precision": self.precision,
+            "parser": {
+                "name": trt_parser_ops.PARSER,
+                "version": trt_parser_ops.PARSER_VERSION,
+                "commit": trt_parser_ops.PARSER_COMMIT,
+                "opsets": [trt_parser_ops.MIN_OPSET, trt_parser_ops.MAX_OPSET],
+            },
+            "total_flops": self.total_flops,
+            "summary": {severity: self.count(severity) for severity in SEVERITIES} | {"by_code": dict(sorted(self.codes().items()))},
+            "notes": list(self.notes),
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

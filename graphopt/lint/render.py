@@ -1,0 +1,87 @@
+"""Text for people: a lint report grouped by finding kind, and what changed between two reports."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from graphopt.lint import trt_parser_ops
+from graphopt.lint.findings import SEVERITIES, Finding, LintReport
+
+SITES_SHOWN = 5  # per kind in the text report; --json has them all
+NEW_SHOWN = 10
+
+
+def format_findings(report: LintReport) -> str:
+    lines = [
+        f"{report.model}: TensorRT readiness for {report.precision} "
+        f"({report.total_flops / 1e9:.3g} GFLOPs; parser {trt_parser_ops.PARSER} {trt_parser_ops.PARSER_VERSION})"
+    ]
+    for group in _by_kind(report.findings):
+        first = group[0]
+        shares = [f.flops_share for f in group if f.flops_share is not None]
+        share = f", {sum(shares):.1%} of FLOPs" if shares and first.category in ("alignment", "merging") else ""
+        rule = f" [{first.rule}]" if first.rule else ""
+        lines.append("")
+        lines.append(f"{_worst(group)}  {first.code} {first.name}{rule}: {len(group)} site{'s' if len(group) > 1 else ''}{share}")
+        lines.append(f"    why: {first.why}")
+        for finding in group[:SITES_SHOWN]:
+            lines.append(f"  - {_site(finding)}")
+        if len(group) > SITES_SHOWN:
+            lines.append(f"  ... and {len(group) - SITES_SHOWN} more (--json lists all)")
+        if first.reference:
+            lines.append(f"    see: {first.reference}")
+    if report.notes:
+        lines.append("")
+        lines.extend(f"note: {note}" for note in report.notes)
+    counts = ", ".join(f"{report.count(s)} {s}{'s' if s != 'info' and report.count(s) != 1 else ''}" for s in SEVERITIES)
+    lines.append("")
+    lines.append(f"{len(report.findings)} findings: {counts}")
+    return "\n".join(lines)
+
+
+def diff_findings(before: LintReport, after: LintReport) -> str:
+    """How the findings changed from a pipeline's input to its output (`graphopt run --lint`).
+
+    Findings are matched by code, nodes and rule; a pass that renames the nodes it rewrites turns
+    a finding it left in place into one resolved and one new, so the per-kind counts come first.
+    """
+    old = {f.key: f for f in before.findings}
+    new = {f.key: f for f in after.findings}
+    resolved = [f for key, f in old.items() if key not in new]
+    added = [f for key, f in new.items() if key not in old]
+    lines = [f"lint ({after.precision}): {len(old)} findings -> {len(new)} ({len(resolved)} resolved, {len(added)} new)"]
+    counts_before, counts_after = before.codes(), after.codes()
+    names = {f.code: f.name for f in [*before.findings, *after.findings]}
+    for code in sorted(set(counts_before) | set(counts_after)):
+        change = counts_after[code] - counts_before[code]
+        mark = "" if change == 0 else f" ({change:+d})"
+        lines.append(f"  {code} {names[code]}: {counts_before[code]} -> {counts_after[code]}{mark}")
+    for finding in added[:NEW_SHOWN]:
+        lines.append(f"  new: {finding.severity} {finding.code} {_site(finding)}")
+    if len(added) > NEW_SHOWN:
+        lines.append(f"  ... and {len(added) - NEW_SHOWN} more new findings")
+    return "\n".join(lines)
+
+
+def _by_kind(findings: list[Finding]) -> list[list[Finding]]:
+    groups: dict[tuple[str, str | None], list[Finding]] = defaultdict(list)
+    for finding in findings:
+        groups[(finding.code, finding.rule)].append(finding)
+    ordered = sorted(groups.values(), key=lambda g: (SEVERITIES.index(_worst(g)), g[0].code))
+    return [sorted(g, key=lambda f: (SEVERITIES.index(f.severity), -(f.flops_share or 0.0))) for g in ordered]
+
+
+def _worst(group: list[Finding]) -> str:
+    return min((f.severity for f in group), key=SEVERITIES.index)
+
+
+def _site(finding: Finding) -> str:
+    parts = [finding.detail]
+    if finding.flops_share is not None and finding.category == "alignment":
+        parts.append(f"{finding.flops_share:.2%} of FLOPs")
+    if finding.fix_pass:
+        cost = f" (+{finding.extra_flops_share:.2%} FLOPs)" if finding.extra_flops_share else ""
+        parts.append(f"fix: {finding.fix_pass}{cost}")
+    else:
+        parts.append("no graphopt pass fixes it")
+    return "; ".join(parts)
