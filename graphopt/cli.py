@@ -19,6 +19,7 @@ import click
 import graphopt
 from graphopt import modelio
 from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError
+from graphopt.lint import diff_findings, lint_command_impl, lint_model
 from graphopt.goldens import load_inputs, load_outputs, save_inputs, save_outputs
 from graphopt.pipeline import Pipeline
 from graphopt.registry import available_passes, default_order
@@ -97,10 +98,11 @@ def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL with the result (atomically).")
 @click.option("--force", is_flag=True, help="Allow -o to name the input file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.option("--lint", "show_lint", is_flag=True, help="Print how the lint findings changed from MODEL to the output.")
 @_verification_options
 @_handle_errors
 def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], report_path: Path | None, no_verify: bool,
-        strict: bool, fixed_point: bool, in_place: bool, force: bool, quiet: bool, input_shapes: tuple[str, ...],
+        strict: bool, fixed_point: bool, in_place: bool, force: bool, quiet: bool, show_lint: bool, input_shapes: tuple[str, ...],
         atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
     """Optimize MODEL and write the result to OUTPUT."""
     if output is None and not in_place:
@@ -134,6 +136,9 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], re
     if not quiet:
         click.echo(format_summary(report))
         click.echo(f"wrote {target}", err=True)
+    if show_lint and not quiet:
+        before = lint_model(source, name=model.name)
+        click.echo(diff_findings(before, lint_model(optimized, before.precision)))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -169,6 +174,22 @@ def format_summary(report: Report) -> str:
     elif not report.verify:
         lines.append("whole pipeline: not verified (--no-verify)")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), default=None,
+              help="Precision the engine is built for [default: int8 if MODEL has Q/DQ nodes, else fp16].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Also write the findings as JSON (schema in docs/lint.md).")
+@_handle_errors
+def lint(model: Path, precision: str | None, json_path: Path | None) -> None:
+    """Report what keeps TensorRT from running MODEL well, and which pass fixes each finding.
+
+    Exit status: 0 when the ONNX-TensorRT parser would accept MODEL, 1 when it would reject it,
+    2 for bad input.
+    """
+    sys.exit(lint_command_impl(model, precision, json_path))
 
 
 def _si(value: float) -> str:

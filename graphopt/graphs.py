@@ -64,10 +64,22 @@ def sole_consumer(tensor: gs.Tensor) -> gs.Node | None:
 
 def used_in_subgraph(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     """Whether a nested graph (If/Loop/Scan body) reads this tensor from the outer scope."""
-    for sub in iter_subgraphs(graph):
-        if any(t.name == tensor.name for node in sub.nodes for t in node.inputs):
-            return True
-    return False
+    return tensor.name in _names_read_in_subgraphs(graph)
+
+
+def _names_read_in_subgraphs(graph: gs.Graph) -> frozenset[str]:
+    """Every tensor name a nested graph reads, collected once per graph.
+
+    Passes call `used_in_subgraph` for many tensors; walking every node's attributes each time
+    made them quadratic in graph size. Passes edit top-level nodes only and never add or change
+    subgraphs, so the names stay valid for the life of the graph (a removed If/Loop only makes
+    the set too large, which declines a rewrite, never allows a wrong one).
+    """
+    names: frozenset[str] | None = getattr(graph, "_graphopt_subgraph_reads", None)
+    if names is None:
+        names = frozenset(t.name for sub in iter_subgraphs(graph) for node in sub.nodes for t in node.inputs)
+        graph._graphopt_subgraph_reads = names
+    return names
 
 
 def iter_subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:

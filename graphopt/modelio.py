@@ -96,13 +96,28 @@ def check_model(model: onnx.ModelProto, full: bool) -> None:
         onnx.checker.check_model(path, full_check=full)
 
 
+def check_and_infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """onnx.checker, then shape inference (strict: failures raise); one temporary file if large."""
+    if not is_large(model):
+        onnx.checker.check_model(model)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+    with _as_file(model) as path:
+        onnx.checker.check_model(path)
+        return _infer_from_file(model, path, strict)
+
+
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     """Shapes for every tensor onnx can infer, with data propagation for shape subgraphs."""
     if not is_large(model):
         return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
     with _as_file(model) as path:
-        onnx.shape_inference.infer_shapes_path(path, path, strict_mode=strict, data_prop=True)
-        inferred = onnx.load_model(path, load_external_data=False)
+        return _infer_from_file(model, path, strict)
+
+
+def _infer_from_file(model: onnx.ModelProto, path: str, strict: bool) -> onnx.ModelProto:
+    inferred_path = path + ".inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(path, inferred_path, strict_mode=strict, data_prop=True)
+    inferred = onnx.load_model(inferred_path, load_external_data=False)
     # Weights are unchanged by inference: keep the loaded ones, take only the new shapes.
     result = onnx.ModelProto()
     result.CopyFrom(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,7 @@ class Pipeline:
                     return _Attempt(True, base, result)
                 candidate = self._finalize(result.model, base)
             except Exception as err:  # a bug in one pass must not take the pipeline down: undo it
-                return _Attempt(False, error=f"{graph_pass.name} raised {type(err).__name__}: {_one_line(err)}")
+                return _Attempt(False, error=f"{graph_pass.name} raised {type(err).__name__}: {_one_line(err)} ({_where(err)})")
             if verifier is None:
                 return _Attempt(True, candidate, result)
             try:
@@ -215,8 +216,7 @@ class Pipeline:
         """Keep the model's own fields, name new nodes, check, infer shapes (strictly if allowed)."""
         keep_model_fields(model, base)
         name_unnamed_nodes(model)
-        modelio.check_model(model, full=False)
-        return modelio.infer_shapes(model, strict=self._full_check)
+        return modelio.check_and_infer(model, strict=self._full_check)
 
     @staticmethod
     def _record(record: PassRecord, final: _Attempt) -> None:
@@ -265,6 +265,12 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
     except Exception:  # onnx raises ValidationError or InferenceError here: either way, not strict-clean
         return False
     return True
+
+
+def _where(err: BaseException) -> str:
+    """The innermost frame of an exception, as file:line in function: enough to file a bug."""
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return f"at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def _one_line(err: BaseException) -> str:

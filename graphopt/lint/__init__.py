@@ -20,15 +20,14 @@ import click
 import onnx
 
 from graphopt import modelio
-from graphopt.errors import EXIT_NOT_EQUIVALENT, EXIT_OK
+from graphopt.errors import EXIT_OK
 from graphopt.graphs import name_unnamed_nodes
 from graphopt.lint import alignment, fusion, merging, parser_support, quantization
 from graphopt.lint.context import QDQ_OPS, build_context
 from graphopt.lint.findings import PRECISIONS, SCHEMA_VERSION, Finding, Kind, LintReport, Precision
 from graphopt.lint.render import diff_findings, format_findings
 
-# The parser rejects the model: same exit status as a failed check elsewhere in graphopt.
-EXIT_LINT_ERRORS = EXIT_NOT_EQUIVALENT
+EXIT_LINT_ERRORS = 1  # a finding of severity error: the ONNX-TensorRT parser would reject the model
 
 
 def lint_model(model: onnx.ModelProto, precision: Precision | None = None, name: str | None = None) -> LintReport:

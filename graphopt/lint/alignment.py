@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import static_shape
-from graphopt.lint.context import LintContext, int_attr, ops, producer, resolved_constant
+from graphopt.graphs import nodes_with_op, static_shape
+from graphopt.lint.context import LintContext, int_attr, producer, resolved_constant
 from graphopt.lint.findings import Finding, Kind
 from graphopt.lint.fusion import is_fc_head
 from graphopt.lint.merging import reason_merge_convs_declines, sibling_groups
@@ -108,7 +108,7 @@ def check(ctx: LintContext) -> list[Finding]:
 def dense_layers(graph: gs.Graph) -> tuple[list[Layer], list[str]]:
     """The Conv and constant-weight Gemm/MatMul layers, and the names of those not judged."""
     layers, unknown = [], []
-    for node in ops(graph, "Conv", "Gemm", "MatMul"):
+    for node in nodes_with_op(graph, "Conv", "Gemm", "MatMul"):
         layer = _layer(node)
         if layer is not None:
             layers.append(layer)

@@ -17,12 +17,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import flops, modelio
-from graphopt.graphs import constant_value
+from graphopt.graphs import DEFAULT_DOMAINS, constant_value
 from graphopt.lint.findings import Precision
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# graphsurgeon imports the default domain as None, which graphs.nodes_with_op does not accept.
-DEFAULT_DOMAINS = ("", "ai.onnx", None)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # ONNX activations the parser imports as one IActivationLayer (onnxOpImporters.cpp, activationHelper).
 ACTIVATIONS = frozenset({
@@ -179,11 +177,6 @@ def int_attr(node: gs.Node, name: str, default: int) -> int:
 
 
 # -- walks --------------------------------------------------------------------------------------
-
-
-def ops(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
-    """Top-level nodes of these op types in the default domain."""
-    return [n for n in graph.nodes if n.op in op_types and n.domain in DEFAULT_DOMAINS]
 
 
 def is_weighted(node: gs.Node) -> bool:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import is_graph_output, static_shape
+from graphopt.graphs import is_graph_output, nodes_with_op, static_shape
 from graphopt.lint.context import (
-    ACTIVATIONS, COMPOSITE_ACTIVATIONS, LintContext, epilogue_activation, int_attr, is_float, normalized_axes, ops,
-    producer, resolved_constant, same_shape,
+    ACTIVATIONS, COMPOSITE_ACTIVATIONS, LintContext, epilogue_activation, int_attr, is_float, normalized_axes, producer,
+    resolved_constant, same_shape,
 )
 from graphopt.lint.findings import Finding, Kind
 
@@ -91,18 +91,18 @@ IDENTITY_ELEMENT = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 def check(ctx: LintContext) -> list[Finding]:
     graph = ctx.graph
     findings: list[Finding] = []
-    for conv in ops(graph, "Conv"):
+    for conv in nodes_with_op(graph, "Conv"):
         findings += _layout_op_between(graph, conv)
         findings += _composite_activation(conv)
         findings += _qdq_after(conv)
-    for pad in ops(graph, "Pad"):
+    for pad in nodes_with_op(graph, "Pad"):
         findings += _pad_before_conv(pad)
-    for reduce in ops(graph, "ReduceMean", "ReduceMax"):
+    for reduce in nodes_with_op(graph, "ReduceMean", "ReduceMax"):
         findings += _reduce_over_spatial_axes(reduce)
-    for fc in ops(graph, "Gemm", "MatMul"):
+    for fc in nodes_with_op(graph, "Gemm", "MatMul"):
         if is_fc_head(fc):
             findings.append(FC_AS_CONV.at([fc.name], f"{fc.op} {fc.name!r} reads a flattened feature map", fix_pass="fc-to-conv"))
-    for op in ops(graph, *IDENTITY_ELEMENT):
+    for op in nodes_with_op(graph, *IDENTITY_ELEMENT):
         findings += _identity_scale(op)
     return findings
 

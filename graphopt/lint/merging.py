@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import static_shape
-from graphopt.lint.context import LintContext, int_attr, is_weight, ops, producer
+from graphopt.graphs import nodes_with_op, static_shape
+from graphopt.lint.context import LintContext, int_attr, is_weight, producer
 from graphopt.lint.findings import Finding, Kind
 
 DIFFERENT_KERNELS = Kind(
@@ -74,7 +74,7 @@ def flop_growth(convs: list[gs.Node]) -> float:
 def sibling_groups(graph: gs.Graph) -> dict[str, list[gs.Node]]:
     """Mergeable Convs by the tensor they read (for Q/DQ models: the tensor before quantization)."""
     groups: dict[tuple, list[gs.Node]] = defaultdict(list)
-    for conv in ops(graph, "Conv"):
+    for conv in nodes_with_op(graph, "Conv"):
         if _reason_not_mergeable(conv) is None:
             groups[(_source(conv).name, _geometry(conv))].append(conv)
     return {source: convs for (source, _), convs in groups.items() if len(convs) > 1}

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import iter_subgraphs
+from graphopt.graphs import DEFAULT_DOMAINS, iter_subgraphs
 from graphopt.lint import trt_parser_ops
-from graphopt.lint.context import DEFAULT_DOMAINS, LintContext, int_attr, resolved_constant
+from graphopt.lint.context import LintContext, int_attr, resolved_constant
 from graphopt.lint.findings import Finding, Kind
 
 SOURCE = trt_parser_ops.SOURCE

@@ -22,7 +22,7 @@ def format_findings(report: LintReport) -> str:
         share = f", {sum(shares):.1%} of FLOPs" if shares and first.category in ("alignment", "merging") else ""
         rule = f" [{first.rule}]" if first.rule else ""
         lines.append("")
-        lines.append(f"{_worst(group)}  {first.code} {first.name}{rule}: {len(group)} site{'s' if len(group) > 1 else ''}{share}")
+        lines.append(f"{_worst(group)}  {first.code} {first.name}{rule}: {_count(len(group), 'site')}{share}")
         lines.append(f"    why: {first.why}")
         for finding in group[:SITES_SHOWN]:
             lines.append(f"  - {_site(finding)}")
@@ -33,9 +33,9 @@ def format_findings(report: LintReport) -> str:
     if report.notes:
         lines.append("")
         lines.extend(f"note: {note}" for note in report.notes)
-    counts = ", ".join(f"{report.count(s)} {s}{'s' if s != 'info' and report.count(s) != 1 else ''}" for s in SEVERITIES)
+    counts = ", ".join(_count(report.count(s), s) for s in SEVERITIES)
     lines.append("")
-    lines.append(f"{len(report.findings)} findings: {counts}")
+    lines.append(f"{_count(len(report.findings), 'finding')}: {counts}")
     return "\n".join(lines)
 
 
@@ -49,7 +49,7 @@ def diff_findings(before: LintReport, after: LintReport) -> str:
     new = {f.key: f for f in after.findings}
     resolved = [f for key, f in old.items() if key not in new]
     added = [f for key, f in new.items() if key not in old]
-    lines = [f"lint ({after.precision}): {len(old)} findings -> {len(new)} ({len(resolved)} resolved, {len(added)} new)"]
+    lines = [f"lint ({after.precision}): {_count(len(old), 'finding')} -> {len(new)} ({len(resolved)} resolved, {len(added)} new)"]
     counts_before, counts_after = before.codes(), after.codes()
     names = {f.code: f.name for f in [*before.findings, *after.findings]}
     for code in sorted(set(counts_before) | set(counts_after)):
@@ -61,6 +61,10 @@ def diff_findings(before: LintReport, after: LintReport) -> str:
     if len(added) > NEW_SHOWN:
         lines.append(f"  ... and {len(added) - NEW_SHOWN} more new findings")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 or noun == "info" else f"{n} {noun}s"
 
 
 def _by_kind(findings: list[Finding]) -> list[list[Finding]]:

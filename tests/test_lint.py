@@ -1,0 +1,361 @@
+"""graphopt lint: each finding kind shows on its fixture and not on its twin; real models read sensibly."""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from graphopt import Pipeline
+from graphopt.errors import EXIT_USAGE, ModelError
+from graphopt.lint import (
+    SCHEMA_VERSION, Kind, LintReport, alignment, diff_findings, format_findings, fusion, lint_command_impl, lint_model,
+    merging, parser_support, quantization, trt_parser_ops,
+)
+from graphopt.spec import parse_spec
+from passes.simplify import Simplify
+from tests.fixtures.cases import FIXTURES, load_case
+from tests.fixtures.zoo import load_zoo_model, zoo_names
+
+REPO = Path(__file__).resolve().parents[1]
+
+# finding code -> (fixture that shows it, fixture that must not, precision)
+KINDS = {
+    "GO-FUSE-001": ("conv_transpose_relu", "conv_relu", "fp16"),
+    "GO-FUSE-002": ("conv_hardswish", "conv_relu", "fp16"),
+    "GO-FUSE-003": ("pad_zero_conv", "pad_reflect_conv", "fp16"),
+    "GO-FUSE-004": ("pad_reflect_conv", "pad_zero_conv", "fp16"),
+    "GO-FUSE-005": ("qdq_between_conv_and_relu", "qdq_after_relu", "int8"),
+    "GO-FUSE-006": ("reduce_mean_over_hw", "reduce_mean_over_channels", "fp16"),
+    "GO-FUSE-007": ("flatten_gemm_head", "gemm_on_2d_input", "fp16"),
+    "GO-FUSE-008": ("conv_times_one_relu", "conv_times_two_relu", "fp16"),
+    "GO-QUANT-001": ("qdq_chain", "conv_relu_conv", "int8"),
+    "GO-QUANT-002": ("qdq_chain_with_float_conv", "qdq_chain", "int8"),
+    "GO-QUANT-003": ("squeeze_excite_between_convs", "conv_relu_conv", "int8"),
+    "GO-ALIGN-001": ("conv_channels_20", "conv_channels_24", "fp16"),
+    "GO-ALIGN-002": ("conv_channels_24", "conv_channels_48", "int8"),
+    "GO-ALIGN-003": ("conv_channels_48", "conv_channels_64", "int8"),
+    "GO-MERGE-001": ("siblings_1x1_and_3x3", "siblings_same_kernel", "fp16"),
+    "GO-MERGE-002": ("qdq_siblings_same_kernel", "siblings_same_kernel", "int8"),
+    "GO-PARSE-001": ("det_op", "conv_relu", "fp16"),
+    "GO-PARSE-002": ("reduce_mean_runtime_axes", "reduce_mean_over_hw", "fp16"),
+    "GO-PARSE-003": ("double_relu", "conv_relu", "fp16"),
+    "GO-PARSE-004": ("custom_domain_op", "conv_relu", "fp16"),
+    "GO-PARSE-005": ("opset_22_relu", "conv_relu", "fp16"),
+    "GO-PARSE-006": ("dynamic_batch_conv", "conv_relu", "fp16"),
+}
+
+
+def lint(case: str, precision: str | None = "fp16") -> LintReport:
+    return lint_model(load_case(f"lint/{case}"), precision)
+
+
+def codes(report: LintReport) -> set[str]:
+    return {f.code for f in report.findings}
+
+
+def only(report: LintReport, code: str):
+    [finding] = [f for f in report.findings if f.code == code]
+    return finding
+
+
+def simplified_zoo(name: str) -> onnx.ModelProto:
+    return Simplify().apply(load_zoo_model(name)).model
+
+
+# -- every kind, on its fixture and its twin ---------------------------------------------------------
+
+
+def test_every_finding_kind_has_a_fixture_pair():
+    declared = {v.code for module in (fusion, quantization, alignment, merging, parser_support)
+                for v in vars(module).values() if isinstance(v, Kind)}
+    declared |= {rule.kind.code for rules in alignment.RULES.values() for rule in rules}
+    assert declared == set(KINDS)
+
+
+@pytest.mark.parametrize("code", KINDS)
+def test_kind_is_reported_on_its_fixture(code):
+    shows, _, precision = KINDS[code]
+    assert code in codes(lint(shows, precision))
+
+
+@pytest.mark.parametrize("code", KINDS)
+def test_kind_is_not_reported_on_its_twin(code):
+    _, quiet, precision = KINDS[code]
+    assert code not in codes(lint(quiet, precision))
+
+
+# -- what a finding says -----------------------------------------------------------------------------
+
+
+def test_finding_names_nodes_severity_reason_and_fix():
+    finding = only(lint("conv_transpose_relu"), "GO-FUSE-001")
+    assert finding.nodes == ("conv", "transpose", "relu")
+    assert finding.severity == "warning"
+    assert finding.why.count(".") == 1 and "TensorRT" in finding.why
+    assert finding.fix_pass is None  # the Transpose changes the layout: no pass removes it
+    assert finding.reference.startswith("https://")
+
+
+def test_layout_op_that_changes_nothing_is_fixed_by_simplify():
+    assert only(lint("conv_noop_reshape_relu"), "GO-FUSE-001").fix_pass == "simplify"
+
+
+def test_zero_pad_is_fixed_by_simplify_and_reflect_pad_by_no_pass():
+    assert only(lint("pad_zero_conv"), "GO-FUSE-003").fix_pass == "simplify"
+    reflect = only(lint("pad_reflect_conv"), "GO-FUSE-004")
+    assert reflect.fix_pass is None and "mode=reflect" in reflect.detail
+
+
+def test_silu_after_conv_is_an_activation_tensorrt_may_not_fuse():
+    assert only(lint("conv_silu"), "GO-FUSE-002").nodes == ("conv", "sigmoid", "mul")
+
+
+def test_reduce_fc_and_identity_scale_name_the_pass_that_rewrites_them():
+    assert only(lint("reduce_mean_over_hw"), "GO-FUSE-006").fix_pass == "reduce-to-pool"
+    assert {f.fix_pass for f in lint("flatten_gemm_head").findings if f.code == "GO-FUSE-007"} == {"fc-to-conv"}
+    assert only(lint("conv_times_one_relu"), "GO-FUSE-008").fix_pass == "remove-identity-scale"
+
+
+# -- alignment ---------------------------------------------------------------------------------------
+
+
+def test_alignment_gives_flops_share_and_padding_cost():
+    report = lint("conv_channels_20")
+    conv1 = next(f for f in report.findings if f.nodes == ("conv1",))
+    assert conv1.rule == alignment.FP16_8.name and conv1.fix_pass == "pad-channels"
+    assert conv1.flops_share == pytest.approx(0.5, rel=1e-3)  # 32->20 and 20->32: equal FLOPs
+    assert conv1.extra_flops_share == pytest.approx(0.5 * (24 / 20 - 1), rel=1e-3)
+
+
+def test_int8_alignment_reports_both_rules_and_says_which_one_breaks():
+    assert {(f.code, f.rule) for f in lint("conv_channels_24", "int8").findings} == {
+        ("GO-ALIGN-002", alignment.INT8_16.name), ("GO-ALIGN-003", alignment.INT8_32.name)}
+    assert codes(lint("conv_channels_48", "int8")) == {"GO-ALIGN-003"}
+    assert "pad-channels(align=16)" in {f.fix_pass for f in lint("conv_channels_24", "int8").findings}
+
+
+def test_padding_pad_channels_would_refuse_has_no_fix():
+    finding = next(f for f in lint("conv_channels_20", "int8").findings if f.nodes == ("conv1",))
+    assert finding.fix_pass is None and "max_overhead" in finding.detail  # 20 -> 32 grows the layer 60%
+
+
+def test_unaligned_classifier_head_is_left_alone_when_padding_costs_too_much():
+    finding = only(lint("flatten_gemm_head"), "GO-ALIGN-001")
+    assert finding.nodes == ("fc2",) and finding.fix_pass is None  # 10 -> 16 classes: +60%
+
+
+def test_unaligned_siblings_are_fixed_by_merging_then_padding():
+    finding = next(f for f in lint("siblings_same_kernel", "int8").findings if f.code == "GO-ALIGN-002")
+    assert finding.nodes == ("expand0",) and finding.fix_pass == "merge-convs,pad-channels(align=16)"
+
+
+def test_precision_defaults_to_int8_for_qdq_models():
+    assert lint("qdq_chain", None).precision == "int8"
+    assert lint("conv_relu", None).precision == "fp16"
+
+
+# -- quantization continuity -------------------------------------------------------------------------
+
+
+def test_quantization_is_judged_for_int8_only():
+    assert not {c for c in codes(lint("squeeze_excite_between_convs", "fp16")) if c.startswith("GO-QUANT")}
+
+
+def test_float_only_gate_names_its_ops_and_the_flops_around_it():
+    finding = only(lint("squeeze_excite_between_convs", "int8"), "GO-QUANT-003")
+    assert finding.nodes == ("gate_sigmoid", "gate_mul")
+    assert 0.0 < finding.flops_share < 1.0
+
+
+def test_qdq_model_lists_its_int8_regions_and_the_float_conv_between_them():
+    report = lint("qdq_chain_with_float_conv", "int8")
+    assert [f.nodes for f in report.findings if f.code == "GO-QUANT-001"] == [("conv1", "conv2"), ("conv4",)]
+    assert only(report, "GO-QUANT-002").nodes == ("conv3",)
+
+
+# -- merging -----------------------------------------------------------------------------------------
+
+
+def test_siblings_with_different_kernels_name_the_group_and_its_flops():
+    finding = only(lint("siblings_1x1_and_3x3"), "GO-MERGE-001")
+    assert finding.nodes == ("expand0", "expand1") and finding.fix_pass == "merge-convs"
+    assert finding.flops_share == pytest.approx(1.0)
+    assert "issues/501" in finding.reference
+
+
+def test_qdq_siblings_cite_tensorrt_and_say_merge_convs_declines_them():
+    finding = only(lint("qdq_siblings_same_kernel", "int8"), "GO-MERGE-002")
+    assert finding.fix_pass is None and "before quantizing" in finding.detail
+    assert "issues/1602" in finding.reference
+
+
+# -- parser support ----------------------------------------------------------------------------------
+
+
+def test_parser_table_records_release_commit_and_opsets():
+    assert re.fullmatch(r"[0-9a-f]{40}", trt_parser_ops.PARSER_COMMIT)
+    assert trt_parser_ops.PARSER_VERSION.startswith("10.")
+    assert (trt_parser_ops.MIN_OPSET, trt_parser_ops.MAX_OPSET) == (9, 20)
+    assert trt_parser_ops.OPERATORS["Conv"].supported and not trt_parser_ops.OPERATORS["Det"].supported
+
+
+def test_unsupported_op_is_an_error():
+    finding = only(lint("det_op"), "GO-PARSE-001")
+    assert finding.severity == "error" and finding.nodes == ("det",)
+
+
+def test_documented_restrictions_are_checked():
+    assert "axes" in only(lint("reduce_mean_runtime_axes"), "GO-PARSE-002").detail
+    assert "indices" in only(lint("maxpool_indices"), "GO-PARSE-002").detail
+
+
+def test_dynamic_input_names_the_input_and_its_dims():
+    assert "'x'" in only(lint("dynamic_batch_conv"), "GO-PARSE-006").detail
+    assert "batchx16x8x8" in only(lint("dynamic_batch_conv"), "GO-PARSE-006").detail
+
+
+def test_table_generator_reads_the_parsers_markdown(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gen_trt_op_table", REPO / "scripts" / "gen_trt_op_table.py")
+    gen = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gen)  # dataclasses look their module up there
+    spec.loader.exec_module(gen)
+    markdown = ("TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20.\n"
+                "| Conv | Y | FP32, FP16 |\n| Det | N |\n| Pad | Y | FP32, INF64 | `axes` must be an initializer |\n")
+    rows = gen.parse_rows(markdown)
+    assert [(r.op, r.supported, r.types) for r in rows] == [
+        ("Conv", True, ("FP32", "FP16")), ("Det", False, ()), ("Pad", True, ("FP32", "INT64"))]
+    source = gen.render(rows, *gen.parse_header(markdown), version="10.1.0", commit="0" * 40)
+    namespace: dict = {}
+    exec(compile(source, "trt_parser_ops.py", "exec"), namespace)  # noqa: S102 - our own generated code
+    assert namespace["OPERATORS"]["Pad"].restrictions == "`axes` must be an initializer"
+
+
+# -- output: text, JSON, diff, command ---------------------------------------------------------------
+
+
+def test_json_report_has_schema_version_and_the_documented_fields():
+    data = json.loads(lint("conv_channels_20").to_json())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert data["parser"]["commit"] == trt_parser_ops.PARSER_COMMIT
+    documented = (REPO / "docs" / "lint.md").read_text()
+    for field in [*data, *data["findings"][0]]:
+        assert f"`{field}`" in documented, f"field {field} is not documented in docs/lint.md"
+
+
+def test_text_report_groups_findings_by_kind_and_counts_them():
+    text = format_findings(lint("conv_channels_20"))
+    assert "GO-ALIGN-001 channels-not-multiple-of-8" in text and "2 sites" in text
+    assert text.rstrip().endswith("2 findings: 0 errors, 2 warnings, 0 info")
+
+
+def test_diff_shows_what_a_pass_resolved():
+    before = lint("pad_zero_conv")
+    after = lint_model(Simplify().apply(load_case("lint/pad_zero_conv")).model, "fp16")
+    text = diff_findings(before, after)
+    assert "1 finding -> 0 (1 resolved, 0 new)" in text
+    assert "GO-FUSE-003 pad-foldable-into-conv: 1 -> 0 (-1)" in text
+
+
+def test_lint_command_prints_the_report_and_writes_json(tmp_path, capsys):
+    report = tmp_path / "lint.json"
+    status = lint_command_impl(FIXTURES / "lint" / "conv_channels_20.onnx", "fp16", report)
+    assert status == 0
+    assert "GO-ALIGN-001" in capsys.readouterr().out
+    assert json.loads(report.read_text())["findings"][0]["code"] == "GO-ALIGN-001"
+
+
+def test_lint_command_exits_1_when_the_parser_would_reject_the_model(capsys):
+    assert lint_command_impl(FIXTURES / "lint" / "det_op.onnx", None, None) == 1
+
+
+def test_lint_command_rejects_bad_input_with_a_one_line_usage_error(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf")
+    with pytest.raises(ModelError) as err:
+        lint_command_impl(garbage, "fp16", None)
+    assert err.value.exit_code == EXIT_USAGE and "\n" not in str(err.value)
+
+
+# -- never crashes --------------------------------------------------------------------------------------
+
+
+FIXTURE_FILES = sorted(p for p in FIXTURES.glob("*/*.onnx") if p.parent.name != "zoo")  # zoo: weightless skeletons
+
+
+@pytest.mark.parametrize("path", FIXTURE_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_lint_judges_every_fixture_without_crashing(path):
+    model = onnx.load(str(path))
+    for precision in ("fp16", "int8"):
+        assert isinstance(lint_model(model, precision), LintReport)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", zoo_names())
+def test_lint_judges_raw_exporter_output(name):
+    report = lint_model(load_zoo_model(name), "int8")
+    assert report.total_flops > 0
+
+
+# -- real architectures ------------------------------------------------------------------------------
+
+
+@pytest.mark.zoo
+def test_resnet50_fp16_is_aligned_except_its_rgb_input():
+    report = lint_model(simplified_zoo("resnet50"), "fp16")
+    [finding] = [f for f in report.findings if f.category == "alignment"]
+    assert finding.nodes == ("/conv1/Conv",) and "3 input channels" in finding.detail and finding.fix_pass is None
+    assert not [f for f in report.findings if f.severity == "error"]
+
+
+@pytest.mark.zoo
+def test_squeezenet_fire_modules_are_merge_groups_with_different_kernels():
+    report = lint_model(simplified_zoo("squeezenet1_0"), "fp16")
+    groups = [f for f in report.findings if f.code == "GO-MERGE-001"]
+    assert len(groups) == 8 and all(f.fix_pass == "merge-convs" and "expand1x1" in f.nodes[0] for f in groups)
+
+
+@pytest.mark.zoo
+def test_inception_asymmetric_kernel_pairs_are_flagged_without_a_fix():
+    groups = [f for f in lint_model(simplified_zoo("inception_v3"), "fp16").findings if f.code == "GO-MERGE-001"]
+    assert len(groups) == 4 and all(f.fix_pass is None and "max_flop_growth" in f.detail for f in groups)
+
+
+@pytest.mark.zoo
+def test_googlenet_sibling_groups_all_share_a_kernel_so_tensorrt_merges_them():
+    assert not [f for f in lint_model(simplified_zoo("googlenet"), "fp16").findings if f.category == "merging"]
+
+
+@pytest.mark.zoo
+def test_efficientnet_int8_squeeze_excite_gates_break_int8_regions():
+    breaks = [f for f in lint_model(simplified_zoo("efficientnet_b0"), "int8").findings if f.code == "GO-QUANT-003"]
+    assert len(breaks) == 16
+    assert all([n.rsplit("/", 1)[-1] for n in f.nodes] == ["Sigmoid", "Mul"] for f in breaks)
+
+
+@pytest.mark.zoo
+def test_vit_int8_flags_every_attention_softmax():
+    breaks = [f for f in lint_model(simplified_zoo("vit_tiny_patch16_224"), "int8").findings if f.code == "GO-QUANT-003"]
+    softmax = [f for f in breaks if f.nodes[0].endswith("/Softmax")]
+    assert len(softmax) == 12
+
+
+@pytest.mark.zoo
+def test_det_head_box_and_objectness_heads_are_unaligned_and_fixed_by_merge_then_pad():
+    report = lint_model(simplified_zoo("det_head"), "fp16")
+    heads = {f.nodes[0]: f for f in report.findings if f.code == "GO-ALIGN-001" and "output channel" in f.detail}
+    assert set(heads) == {"/box/Conv", "/obj/Conv"}
+    assert {f.fix_pass for f in heads.values()} == {"merge-convs,pad-channels"}
+
+
+@pytest.mark.zoo
+def test_the_fix_lint_names_for_det_head_resolves_its_findings():
+    model = simplified_zoo("det_head")
+    before = lint_model(model, "fp16")
+    [spec] = {f.fix_pass for f in before.findings if f.fix_pass}
+    optimized, _ = Pipeline(parse_spec(spec), verify=False).run(model)
+    after = lint_model(optimized, "fp16")
+    assert "2 resolved, 0 new" in diff_findings(before, after)
