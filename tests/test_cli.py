@@ -134,3 +134,25 @@ def test_in_place_overwrites_the_input_atomically(tmp_path):
     assert graphopt_cli("run", model, "--in-place").returncode == 0
     assert "Identity" not in [n.op_type for n in onnx.load(str(model)).graph.node]
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary files left
+
+
+def test_lint_prints_findings_and_writes_json(tmp_path):
+    report = tmp_path / "lint.json"
+    result = graphopt_cli("lint", case_path("core/conv_stack"), "--json", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1 and data["precision"] == "fp16"
+    assert any(f["code"] == "GO-ALIGN-001" for f in data["findings"])  # the 3-channel input, 4-channel output
+
+
+def test_lint_refuses_bad_input_like_run(tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    result = graphopt_cli("lint", empty)
+    assert result.returncode == 2 and "file is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_with_lint_shows_what_the_rewrite_bought(tmp_path):
+    result = graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--lint")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^lint \(fp16\): \d+ findings -> \d+", result.stdout, re.MULTILINE)
