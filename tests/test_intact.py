@@ -40,12 +40,16 @@ def test_control_flow_models_stay_equivalent(name):
     assert_equivalent(model, out)
 
 
+def branch_nodes(node: onnx.NodeProto) -> list[tuple]:
+    return [(a.name, [(n.op_type, list(n.input), list(n.output)) for n in a.g.node]) for a in node.attribute]
+
+
 def test_graphopts_own_passes_leave_subgraphs_and_the_tensors_they_read_alone():
     model = load_case("intact/if_subgraph")
     out, report = optimize(model, "all", skip=["simplify"])  # onnxsim rewrites subgraphs itself, verified
     assert report.equivalent
     [original_if], [new_if] = nodes(model, "If"), nodes(out, "If")
-    assert new_if.attribute == original_if.attribute
+    assert branch_nodes(new_if) == branch_nodes(original_if)  # value_info may gain shapes; nodes may not change
     # the branches read `scaled` (x * 1) from the outer scope: it must still be computed
     assert any("scaled" in n.output for n in out.graph.node)
 
