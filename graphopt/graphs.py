@@ -16,6 +16,8 @@ import onnx_graphsurgeon as gs
 
 # graphsurgeon imports an unset domain as None; ONNX spells the default domain "" or "ai.onnx".
 DEFAULT_DOMAINS = (None, "", "ai.onnx")
+# The float types the passes rewrite; others (bfloat16, float8, double) are declined.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def nodes_with_op(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
@@ -75,7 +77,7 @@ def _names_read_in_subgraphs(graph: gs.Graph) -> frozenset[str]:
     subgraphs, so the names stay valid for the life of the graph (a removed If/Loop only makes
     the set too large, which declines a rewrite, never allows a wrong one).
     """
-    names: frozenset[str] | None = getattr(graph, "_graphopt_subgraph_reads", None)
+    names: frozenset[str] | None = graph.__dict__.get("_graphopt_subgraph_reads")  # not getattr: gs logs each miss
     if names is None:
         names = frozenset(t.name for sub in iter_subgraphs(graph) for node in sub.nodes for t in node.inputs)
         graph._graphopt_subgraph_reads = names
@@ -122,15 +124,23 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor | None = None) -> boo
     for consumer in list(keep.outputs):
         if consumer is not node:
             replace_input(consumer, keep, out)
-    producer.outputs = [out if t is keep else t for t in producer.outputs]
+    for index, tensor in enumerate(producer.outputs):
+        if tensor is keep:
+            producer.outputs[index] = out
     node.inputs.clear()
     node.outputs.clear()
     return True
 
 
 def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make `consumer` read `new` wherever it read `old` (graphsurgeon keeps both sides in sync)."""
-    consumer.inputs = [new if t is old else t for t in consumer.inputs]
+    """Make `consumer` read `new` wherever it read `old`.
+
+    One index at a time: graphsurgeon's synchronized lists keep tensor.outputs in step on item
+    assignment, but fail on slice assignment.
+    """
+    for index, tensor in enumerate(consumer.inputs):
+        if tensor is old:
+            consumer.inputs[index] = new
 
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:

@@ -76,6 +76,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import (
+    DEFAULT_DOMAINS,
+    FLOAT_DTYPES,
+    nodes_with_op,
     constant_value,
     is_graph_output,
     make_constant,
@@ -86,15 +89,12 @@ from graphopt.graphs import (
 )
 from graphopt.passbase import GraphPass, PassStats, Site
 
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 # Elementwise ops of one data input: f(concat(a, b)) == concat(f(a), f(b)) along any axis.
 ACTIVATIONS = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
     "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Gelu",
 })
 SPLIT_SIZES_AS_INPUT = 13  # Split takes its sizes as an input from opset 13, an attribute before
-# onnx-graphsurgeon imports the default domain as None when a node leaves it unset.
-DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 NO_GEOMETRY_MATCH = "no sibling with the same strides, dilations, pad lattice and output shape"
 FLOPS_GROW = "zero-padded kernels would grow the group's FLOPs past max-flop-growth"
@@ -314,7 +314,7 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
     # -- vertical ------------------------------------------------------------------------------------
 
     def _chains(self, graph: gs.Graph, used: set[str], stats: PassStats) -> Iterator[ConvChain]:
-        for conv in convs_of(graph):
+        for conv in nodes_with_op(graph, "Conv"):
             follower = sole_consumer(conv.outputs[0]) if len(conv.outputs) == 1 else None
             if (
                 conv.name in used
@@ -339,15 +339,10 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
 # -- matching ----------------------------------------------------------------------------------------
 
 
-def convs_of(graph: gs.Graph) -> list[gs.Node]:
-    """Top-level Conv nodes in the default domain (graphs.nodes_with_op misses domain None)."""
-    return [n for n in graph.nodes if n.op == "Conv" and n.domain in DEFAULT_DOMAINS]
-
-
 def sibling_readers(graph: gs.Graph) -> list[list[gs.Node]]:
     """Convs grouped by the tensor they read, in graph order, where two or more read one tensor."""
     readers: dict[str, list[gs.Node]] = defaultdict(list)
-    for conv in convs_of(graph):
+    for conv in nodes_with_op(graph, "Conv"):
         readers[conv.inputs[0].name].append(conv)
     return [convs for convs in readers.values() if len(convs) > 1]
 

@@ -85,6 +85,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import (
+    DEFAULT_DOMAINS,
+    FLOAT_DTYPES,
+    nodes_with_op,
     constant_value,
     is_graph_output,
     make_constant,
@@ -97,12 +100,9 @@ from graphopt.passbase import GraphPass, PassStats, Site
 
 ALIGN_FOR_PRECISION = {"fp16": 8, "int8": 32}
 VALID_ALIGNS = (8, 16, 32)
-FLOAT_TYPES = (np.float32, np.float16)
 QUANT_TYPES = (np.int8, np.uint8)
 MIN_OPSET = 11  # Slice and Pad take their parameters as inputs from here on
 # graphsurgeon imports a node without a domain field (all exporter output) with domain None,
-# which graphs.nodes_with_op does not count as the default domain.
-DEFAULT_DOMAINS = (None, "", "ai.onnx")
 
 # Ops that compute each output channel from the same input channel only.
 UNARY_CHANNELWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Identity"}
@@ -218,7 +218,7 @@ class PadChannels(GraphPass[PadChannelsOptions]):
         align = self.options.alignment
         sites: list[Site] = []
         claimed: set[str] = set()
-        for conv in [n for n in graph.nodes if n.op == "Conv" and n.domain in DEFAULT_DOMAINS]:
+        for conv in nodes_with_op(graph, "Conv"):
             if conv.name in claimed:
                 continue
             if (reason := root_problem(conv, align)) is not None:
@@ -242,7 +242,7 @@ class PadChannels(GraphPass[PadChannelsOptions]):
         sites: list[Site] = []
         for tensor in graph.inputs:
             shape = tensor.shape
-            if tensor.dtype not in FLOAT_TYPES or shape is None or len(shape) < 3 or not isinstance(shape[1], int):
+            if tensor.dtype not in FLOAT_DTYPES or shape is None or len(shape) < 3 or not isinstance(shape[1], int):
                 continue
             channels = shape[1]
             if channels % align == 0:
@@ -332,7 +332,7 @@ def input_conv_problem(conv: gs.Node, channels: int) -> str | None:
 def depthwise_problem(conv: gs.Node, channels: int) -> str | None:
     """Why `conv` cannot carry padded channels as a depthwise conv (one filter per channel)."""
     weight = constant_value(conv.inputs[1])
-    if conv.attrs.get("group", 1) != channels or weight is None or weight.dtype not in FLOAT_TYPES:
+    if conv.attrs.get("group", 1) != channels or weight is None or weight.dtype not in FLOAT_DTYPES:
         return SKIP_GROUPED
     if weight.shape[:2] != (channels, 1):
         return SKIP_GROUPED
@@ -345,7 +345,7 @@ def depthwise_problem(conv: gs.Node, channels: int) -> str | None:
 
 def _is_float_constant(tensor: gs.Tensor) -> bool:
     value = constant_value(tensor)
-    return value is not None and value.dtype in FLOAT_TYPES
+    return value is not None and value.dtype in FLOAT_DTYPES
 
 
 # -- growing a site: which readers carry, absorb or slice ------------------------------------------
@@ -684,7 +684,7 @@ def conv_weight(conv: gs.Node) -> ConvWeight | str:
     tensor = conv.inputs[1]
     value = constant_value(tensor)
     if value is not None:
-        return ConvWeight(value) if value.dtype in FLOAT_TYPES else SKIP_DTYPE
+        return ConvWeight(value) if value.dtype in FLOAT_DTYPES else SKIP_DTYPE
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     if producer is None or producer.op != "DequantizeLinear" or producer.domain not in DEFAULT_DOMAINS:
         return SKIP_WEIGHT
@@ -694,7 +694,7 @@ def conv_weight(conv: gs.Node) -> ConvWeight | str:
     zero_point = constant_value(producer.inputs[2]) if has_zero_point else None
     if values is None or scale is None or (has_zero_point and zero_point is None):
         return SKIP_WEIGHT
-    if values.dtype not in QUANT_TYPES or scale.dtype not in FLOAT_TYPES or producer.attrs.get("block_size", 0):
+    if values.dtype not in QUANT_TYPES or scale.dtype not in FLOAT_DTYPES or producer.attrs.get("block_size", 0):
         return SKIP_QUANT_LAYOUT
     filters = values.shape[0]
     # ONNX reads a 1-D scale as per-axis; ONNX Runtime reads a 1-element one as per-tensor. Only

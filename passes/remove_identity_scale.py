@@ -64,6 +64,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
+    bypass,
     constant_value,
     is_graph_input,
     is_graph_output,
@@ -124,38 +125,6 @@ class RemoveIdentityScale(GraphPass[NoOptions]):
             # and raising lets the manager roll this site back.
             raise RuntimeError(f"cannot bypass {proof.node.op} {proof.node.name}")
         stats.counters[f"removed_{proof.node.op}"] += 1
-
-
-def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor) -> bool:
-    """`graphopt.graphs.bypass`, editing tensor lists one index at a time.
-
-    graphsurgeon's SynchronizedList (node.inputs/outputs) fails on slice assignment
-    (`inputs[:] = ...` passes the whole slice to `_remove_from_elem`), which `graphs.bypass`
-    uses; until that is fixed there, this copy keeps its exact semantics.
-    """
-    out = node.outputs[0]
-    if used_in_subgraph(graph, out):
-        return False
-    if not is_graph_output(graph, out):
-        for consumer in list(out.outputs):
-            replace_tensor(consumer.inputs, out, keep)
-        node.outputs.clear()
-        return True
-    if cannot_be_renamed(graph, keep) is not None:
-        return False
-    for consumer in list(keep.outputs):
-        if consumer is not node:
-            replace_tensor(consumer.inputs, keep, out)
-    replace_tensor(keep.inputs[0].outputs, keep, out)
-    node.inputs.clear()
-    node.outputs.clear()
-    return True
-
-
-def replace_tensor(tensors: list[gs.Tensor], old: gs.Tensor, new: gs.Tensor) -> None:
-    for index, tensor in enumerate(tensors):
-        if tensor is old:
-            tensors[index] = new
 
 
 # -- checks common to every op ---------------------------------------------------------------------

@@ -19,7 +19,6 @@ random values.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import warnings
@@ -30,7 +29,6 @@ from typing import Callable
 import onnx
 import torch
 import torch.nn as nn
-from onnx import numpy_helper
 
 SIZE_THRESHOLD = 1024  # bytes; tensors at least this large are externalized
 
