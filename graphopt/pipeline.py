@@ -108,20 +108,22 @@ class Pipeline:
         report.flops_before = count_flops(working).total
         original = _reference_or_explain(verifier, working) if verifier else None
         reference = original
+        flops = report.flops_before
 
         for iteration in range(1, self.max_iterations + 1):
             report.iterations = iteration
             changed = False
             for index, graph_pass in enumerate(self.passes, 1):
                 self.progress(f"[{index}/{len(self.passes)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
-                working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration)
+                working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops)
+                flops = record.flops_after
                 report.passes.append(record)
                 changed |= record.changed
             if not (self.fixed_point and changed):
                 break
 
         report.nodes_after = len(working.graph.node)
-        report.flops_after = count_flops(working).total
+        report.flops_after = flops
         if verifier and any(p.changed for p in report.passes):
             report.final = self._final_check(verifier, original, reference, working)
         report.seconds = time.perf_counter() - start
@@ -132,11 +134,13 @@ class Pipeline:
     # -- one pass ------------------------------------------------------------------------------
 
     def _run_pass(
-        self, graph_pass: GraphPass, base: onnx.ModelProto, reference: Outputs | None, verifier: Verifier | None, iteration: int
+        self, graph_pass: GraphPass, base: onnx.ModelProto, reference: Outputs | None, verifier: Verifier | None, iteration: int,
+        flops_before: int,
     ) -> tuple[onnx.ModelProto, Outputs | None, PassRecord]:
+        """`flops_before` is carried from the previous pass: counting walks every value_info."""
         start = time.perf_counter()
         record = PassRecord(graph_pass.name, format_pass(graph_pass), iteration, nodes_before=len(base.graph.node))
-        record.flops_before = record.flops_after = count_flops(base).total
+        record.flops_before = record.flops_after = flops_before
 
         def attempt(only: list[str] | None) -> _Attempt:
             try:

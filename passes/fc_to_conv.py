@@ -465,8 +465,17 @@ def read_outside_chain(graph: gs.Graph, tensor: gs.Tensor, next_node: gs.Node | 
 
 
 def view_as_map(graph: gs.Graph, x: gs.Tensor, stem: str) -> gs.Variable:
-    """Reshape [B, K] to [B, K, 1, 1]; the 0 copies the batch, so a symbolic batch works."""
+    """Reshape [B, K] to [B, K, 1, 1]; the 0 copies the batch, so a symbolic batch works.
+
+    Linears that read one tensor share one view (the first site rewritten makes it), so their
+    Convs read one tensor too and merge-convs, later in `all`, sees them as siblings.
+    """
     k = x.shape[1] if isinstance(x.shape[1], (int, np.integer)) and x.shape[1] >= 0 else -1
+    for reader in x.outputs:
+        if reader.op == "Reshape" and reader.inputs[0] is x and len(reader.inputs) == 2 and len(reader.outputs) == 1:
+            target = constant_value(reader.inputs[1])
+            if target is not None and target.tolist() == [0, k, 1, 1] and not reader.attrs.get("allowzero", 0):
+                return reader.outputs[0]
     shape = make_constant(graph, f"{stem}/as_map_shape", np.array([0, k, 1, 1], dtype=np.int64))
     x4 = gs.Variable(unique_name(graph, f"{stem}/as_map"), dtype=x.dtype)
     graph.nodes.append(gs.Node("Reshape", unique_name(graph, f"{stem}/as_map"), inputs=[x, shape], outputs=[x4]))

@@ -10,6 +10,15 @@ through an Identity is not provably constant to fc-to-conv until it is folded.
 
 Declines (with a warning, never a crash) when onnxsim fails on a model: custom-domain ops it
 cannot run, an opset it does not support, a model over 2 GB.
+
+Two onnxsim behaviours are undone here (both found by tests/test_fuzz.py):
+1. its optimizer can return a model that fails onnx's own checks: it folds a Mul by a
+   [1, 1, 1, 1, 1] constant into the Conv before it, giving the Conv a 5-D weight. When the
+   optimized model fails the checker (with strict shape inference if the input passes it), the
+   pass keeps onnxsim's constant folding without its optimizer, and says so in a warning;
+2. it re-infers the graph's inputs and outputs and may rename their symbolic dims (`N` becomes
+   `unk__1` once a Reshape to [-1, ...] is folded away). The model's own declared input and
+   output types are put back, so its interface does not change.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from graphopt.modelio import is_large
+from graphopt.modelio import check_model, is_large
 from graphopt.passbase import GraphPass, PassResult, PassStats
 
 WHOLE_MODEL = "(whole model)"
@@ -47,12 +56,17 @@ class Simplify(GraphPass[SimplifyOptions]):
             stats.warnings.append(f"simplify skipped: {reason}")
             return PassResult(model, [], [], stats)
         try:
-            simplified = self._run_onnxsim(model)
+            simplified = self._run_onnxsim(model, self.options.optimize)
+            if self.options.optimize and (problem := check_problem(simplified, strict=check_problem(model, strict=True) is None)):
+                stats.counters["optimizer_output_rejected"] += 1
+                stats.warnings.append(f"simplify: onnxsim's optimizer made an invalid model ({problem}); folded constants only")
+                simplified = self._run_onnxsim(model, optimize=False)
         except Exception as err:  # onnxsim raises many types (RuntimeError, ValidationError, ...)
             reason = f"onnxsim failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
             stats.skip("onnxsim failed")
             stats.warnings.append(f"simplify skipped: {reason}")
             return PassResult(model, [], [], stats)
+        keep_declared_interface(simplified, model)
         if _same_graph(model, simplified):
             stats.skip("already simplified")
             return PassResult(model, [WHOLE_MODEL], [], stats)
@@ -69,13 +83,31 @@ class Simplify(GraphPass[SimplifyOptions]):
             return f"custom-domain ops ({', '.join(custom)}) that onnxsim cannot evaluate"
         return None
 
-    def _run_onnxsim(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    @staticmethod
+    def _run_onnxsim(model: onnx.ModelProto, optimize: bool) -> onnx.ModelProto:
         import onnxsim
 
         # onnxsim prints progress to stdout; graphopt's own output must stay clean.
         with contextlib.redirect_stdout(io.StringIO()):
-            simplified, _ = onnxsim.simplify(model, check_n=0, perform_optimization=self.options.optimize)
+            simplified, _ = onnxsim.simplify(model, check_n=0, perform_optimization=optimize)
         return simplified
+
+
+def check_problem(model: onnx.ModelProto, strict: bool) -> str | None:
+    """Why onnx.checker (with strict shape inference if `strict`) rejects the model, or None."""
+    try:
+        check_model(model, full=strict)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
+
+
+def keep_declared_interface(simplified: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Give the graph inputs and outputs the types `model` declares for them, in place."""
+    declared = {vi.name: vi.type for vi in [*model.graph.input, *model.graph.output]}
+    for vi in [*simplified.graph.input, *simplified.graph.output]:
+        if vi.name in declared:
+            vi.type.CopyFrom(declared[vi.name])
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

@@ -30,3 +30,15 @@ def plugin_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
     return env
+
+
+# -- hypothesis profiles (tests/test_fuzz.py) --------------------------------------------------------
+# `ci` (the default) keeps the fuzz suite within about three minutes on two cores and draws the
+# same examples every run; `HYPOTHESIS_PROFILE=long` explores thousands of new ones per spec.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
