@@ -6,11 +6,15 @@
     python scripts/bench.py --models zoo --tools graphopt,onnxsim
 
 Every tool is timed as a user runs it: load the model from a file, optimize, save to a file. Each
-time is the median of --repeats runs, all in this one process. `floor` is onnx load + save alone.
+time is the median of --repeats runs, all in this one process, after one untimed warm-up run of
+every tool; `floor` is onnx load + save alone. Repeats stop once a tool has spent --max-seconds
+on a model, and a tool whose smaller synthetic runs forecast more than that is skipped.
+
 For each output the script records nodes, op histogram, FLOPs (graphopt.flops after shape
-inference at batch 1) and parameters (elements of all initializers), and the ONNX Runtime CPU latency with ORT's
-default graph optimizations on (what a user deploying on ORT gets) and one intra-op thread, the
-median of --ort-runs runs, sessions interleaved run by run so drift hits every tool alike.
+inference at batch 1), parameters (elements of all initializers), and the ONNX Runtime CPU
+latency with ORT's default graph optimizations (what a user deploying on ORT gets) and one
+intra-op thread: the median of --ort-runs runs, sessions interleaved in a shuffled order each
+round so drift hits every tool alike.
 
 Models are built locally and cached in --cache (default bench-cache/, not in git): the zoo's
 weight-stripped skeletons refilled with seeded weights, and synthetic CNN-like graphs
@@ -337,7 +341,14 @@ def _breakdown(reports: list[graphopt.Report], seconds: list[float]) -> Graphopt
     )
 
 
-def measure_latency(models: dict[str, onnx.ModelProto], runs: int) -> tuple[dict[str, float], dict[str, float]]:
+@dataclass
+class LatencyRun:
+    ms: dict[str, float]  # median per model
+    max_rel_err: dict[str, float]  # against the first model's outputs; inf when names, shapes or dtypes differ
+    rejected: dict[str, str]  # models ORT could not load or run, and why
+
+
+def measure_latency(models: dict[str, onnx.ModelProto], runs: int) -> LatencyRun:
     """Median ORT CPU latency in ms per model, and each model's max error against the first one.
 
     Sessions are built first, then run round-robin in a shuffled order each round, so a slow
@@ -348,13 +359,20 @@ def measure_latency(models: dict[str, onnx.ModelProto], runs: int) -> tuple[dict
     # (a model's two identical sessions differed 7x in a trial run); one thread differs by percents.
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    sessions = {name: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for name, m in models.items()}
-    first = next(iter(models.values()))
-    feed = make_feed(first, {}, seed=0)
-    outputs = {name: s.run(None, feed) for name, s in sessions.items()}  # warm-up, and the outputs
-    for s in sessions.values():
-        s.run(None, feed)
+    feed = make_feed(next(iter(models.values())), {}, seed=0)
+    sessions: dict[str, ort.InferenceSession] = {}
+    outputs: dict[str, dict[str, np.ndarray]] = {}
+    rejected: dict[str, str] = {}
+    for name, model in models.items():
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            outputs[name] = dict(zip(names, session.run(None, feed)))  # warm-up, and the outputs
+        except Exception as err:  # ORT raises its own pybind types; a tool's broken output is a result
+            rejected[name] = f"ORT cannot run it: {type(err).__name__}: {_one_line(err)}"
+            continue
+        session.run(None, feed)
+        sessions[name] = session
     times: dict[str, list[float]] = {name: [] for name in sessions}
     order = list(sessions)
     shuffle = np.random.default_rng(0).permutation
@@ -363,10 +381,16 @@ def measure_latency(models: dict[str, onnx.ModelProto], runs: int) -> tuple[dict
             start = time.perf_counter()
             sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - start)
-    reference = outputs[next(iter(sessions))]
-    errors = {name: max((compare_arrays("", r, c, FP32_TOLERANCE).max_rel_err for r, c in zip(reference, out)), default=0.0)
-              for name, out in outputs.items()}
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}, errors
+    reference = outputs[next(iter(models))]
+    errors = {name: _max_rel_err(reference, out) for name, out in outputs.items()}
+    return LatencyRun({name: 1000 * statistics.median(t) for name, t in times.items()}, errors, rejected)
+
+
+def _max_rel_err(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
+    if list(reference) != list(candidate):
+        return float("inf")
+    verdicts = [compare_arrays(name, ref, candidate[name], FP32_TOLERANCE) for name, ref in reference.items()]
+    return max((v.max_rel_err if v.reason is None else float("inf") for v in verdicts), default=0.0)
 
 
 def warm_up(tools: list[Tool], cache: Path) -> None:
@@ -408,12 +432,17 @@ def bench_model(model: BenchModel, tools: list[Tool], settings: Settings, budget
     else:
         # The original runs in two sessions: their gap is the noise floor, and the faster of the
         # two is the baseline, so noise never makes a tool look faster than the original.
-        ms, errors = measure_latency({ORIGINAL: original, ORIGINAL_AGAIN: original, **outputs}, settings.ort_runs)
-        first, again = ms.pop(ORIGINAL), ms.pop(ORIGINAL_AGAIN)
-        latency.original_ms, latency.noise = min(first, again), abs(again / first - 1)
-        for name, value in ms.items():
-            results[name].ort_ms, results[name].max_rel_err = value, errors[name]
-        log(f"    ORT ms: original {first:.3f} and {again:.3f}, " + ", ".join(f"{n} {v:.3f}" for n, v in ms.items()))
+        run = measure_latency({ORIGINAL: original, ORIGINAL_AGAIN: original, **outputs}, settings.ort_runs)
+        if ORIGINAL in run.rejected:
+            latency.note = f"latency not measured: the original: {run.rejected[ORIGINAL]}"
+        else:
+            first, again = run.ms.pop(ORIGINAL), run.ms.pop(ORIGINAL_AGAIN)
+            latency.original_ms, latency.noise = min(first, again), abs(again / first - 1)
+            for name, value in run.ms.items():
+                results[name].ort_ms, results[name].max_rel_err = value, run.max_rel_err[name]
+            for name, why in run.rejected.items():
+                results[name].status = f"failed: {why}"
+            log(f"    ORT ms: original {first:.3f} and {again:.3f}, " + ", ".join(f"{n} {v:.3f}" for n, v in run.ms.items()))
     if latency.note:
         log(f"    {latency.note}")
     return ModelResult(model.name, model.kind, stats, latency, results)
@@ -614,7 +643,7 @@ def markdown(env: Environment, models: list[ModelResult], targets: list[Target],
         f"graphopt `all` = {', '.join(env.passes)}; source: {env.source}.", "",
         f"Times are medians of up to {env.settings.repeats} runs of load + optimize + save, fewer once a tool has spent "
         f"{env.settings.max_seconds:.0f} s on a model; latency is the median of {env.settings.ort_runs} ORT CPU runs with "
-        f"default optimizations. Load average {env.load_before:.1f} at the start, {env.load_after:.1f} at the end; "
+        f"default graph optimizations and one intra-op thread. Load average {env.load_before:.1f} at the start, {env.load_after:.1f} at the end; "
         f"the run took {env.wall_s / 60:.1f} min.", "",
         "## Wall time (s)", "",
         "| model | nodes | " + " | ".join(names) + " | graphopt / onnxsim | verify / onnxsim | (graphopt - simplify) / onnxslim |",
