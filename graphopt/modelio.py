@@ -44,8 +44,26 @@ def _weight_bytes(graph: onnx.GraphProto) -> int:
     return total
 
 
+# Types stored a whole number of bytes per element; packed sub-byte types are measured directly.
+_BYTES_PER_ELEMENT = {
+    t: onnx.helper.tensor_dtype_to_np_dtype(t).itemsize
+    for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+              onnx.TensorProto.INT32, onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+              onnx.TensorProto.BOOL)
+}
+
+
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+    """Bytes of a tensor's data, from its dims where possible: reading raw_data copies it."""
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    if tensor.data_type not in _BYTES_PER_ELEMENT:
+        return len(tensor.raw_data)
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * _BYTES_PER_ELEMENT[tensor.data_type]
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
