@@ -598,10 +598,12 @@ class SitePlanner:
         if other is padded:
             return CARRY
         other_channels = _channel_dim(other, node)
-        if other_channels == 1:
-            return CARRY
+        # Checked before broadcasting: when the site's tensors have one channel, a one-channel
+        # operand is not a broadcast but a peer, which another site may pad (fuzz_regressions).
         if other_channels == self.channels and len(other.shape) == rank:
             return Decision(Role.PAIR)
+        if other_channels == 1:
+            return CARRY
         return SLICE
 
 

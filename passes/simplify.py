@@ -121,8 +121,10 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
     def structure(model: onnx.ModelProto) -> list[bytes]:
         graph = model.graph
-        messages = [*graph.node, *graph.input, *graph.output]
-        return [m.SerializeToString(deterministic=True) for m in messages]
+        # Nodes as a set: onnxsim may only reorder them (it rotates Constant nodes on every run,
+        # tests/test_fuzz_regressions.py), and names fix the dataflow whatever the order.
+        nodes = sorted(n.SerializeToString(deterministic=True) for n in graph.node)
+        return nodes + [m.SerializeToString(deterministic=True) for m in [*graph.input, *graph.output]]
 
     def weights(model: onnx.ModelProto) -> dict[str, tuple]:
         return {t.name: (t.data_type, tuple(t.dims)) for t in model.graph.initializer}

@@ -37,7 +37,7 @@ def plugin_env() -> dict[str, str]:
 # same examples every run; `HYPOTHESIS_PROFILE=long` explores thousands of new ones per spec.
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, print_blob=True,
+settings.register_profile("ci", max_examples=120, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=2000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

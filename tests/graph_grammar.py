@@ -170,6 +170,22 @@ def pick_map(draw: st.DrawFn, g: GraphBuilder, where: Callable[[Shape], bool] = 
     return candidates[-1 - draw(st.integers(0, len(candidates) - 1))]
 
 
+@st.composite
+def subset(draw: st.DrawFn, items: list[int]) -> list[int]:
+    """A non-empty subset, in order (st.sets of a small domain often fails to fill and is rejected)."""
+    chosen = [item for item in items if draw(st.booleans())]
+    return chosen or [draw(st.sampled_from(items))]
+
+
+@st.composite
+def partition(draw: st.DrawFn, total: int, parts: int) -> list[int]:
+    """`parts` positive sizes that add up to `total`."""
+    sizes = []
+    for left in range(parts - 1, 0, -1):
+        sizes.append(draw(st.integers(1, total - sum(sizes) - left)))
+    return [*sizes, total - sum(sizes)]
+
+
 def conv_out(size: int, kernel: int, stride: int, begin: int, end: int, dilation: int) -> int:
     return (size + begin + end - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -455,7 +471,7 @@ def step_reduce(draw: st.DrawFn, g: GraphBuilder) -> str:
     elif form == "one spatial":
         axes = [draw(st.sampled_from([2, 3]))]
     elif form == "any":
-        axes = sorted(draw(st.sets(st.integers(0, 3), min_size=1, max_size=4)))
+        axes = draw(subset([0, 1, 2, 3]))
     else:
         axes = None
     keepdims = draw(st.sampled_from([0, 1]))
@@ -515,7 +531,7 @@ def step_passthrough(draw: st.DrawFn, g: GraphBuilder) -> str:
     elif op == "Cast":
         g.put(g.op("Cast", [x], shape, to=TensorProto.FLOAT))
     elif op == "Slice":
-        axes = sorted(draw(st.sets(st.integers(1, 3), min_size=1, max_size=3)))
+        axes = draw(subset([1, 2, 3]))
         ends = [draw(st.sampled_from([shape[a], shape[a] + 5, INT64_MAX])) for a in axes]
         starts = [draw(st.sampled_from([0, -shape[a]])) for a in axes]
         g.put(g.op("Slice", [x, g.ints(starts), g.ints(ends), g.ints(axes)], shape))
@@ -547,9 +563,7 @@ def step_split(draw: st.DrawFn, g: GraphBuilder) -> str:
     shape = g.shapes[x]
     axis = draw(st.sampled_from([a for a in (1, 1, 2, 3) if shape[a] >= 2]))
     size = shape[axis]
-    parts = draw(st.integers(2, min(3, size)))
-    cuts = sorted(draw(st.sets(st.integers(1, size - 1), min_size=parts - 1, max_size=parts - 1)))
-    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, size])]
+    sizes = draw(partition(size, draw(st.integers(2, min(3, size)))))
     attrs: dict = {"axis": axis}
     inputs = [x]
     if g.opset >= 18 and len(sizes) == 2 and sizes[0] == sizes[1] and draw(st.booleans()):

@@ -60,14 +60,17 @@ BACKEND = "onnxruntime"  # the fuzzer checks rewrites, not TensorRT; ORT keeps e
 # that nearly cancel. On fuzz_regressions/cancelling_head (Gemm -> Relu -> MatMul[31x1], output
 # -2.6e-4 from O(1) terms) the original graph is 1.5e-4 of its output off the float64 result,
 # fc-to-conv's graph 2.1e-4, and the two differ by 5.8e-5, though in float64 they agree exactly.
-# The fuzzer hunts wrong rewrites, which are off by far more, so it allows 1e-4; passes that
-# promise bit-exact results are held to that instead. Noise can still pass 1e-4 on a rare
-# cancelling output: check such a failure in float64 (test_fuzz_regressions.run_float64).
+# The fuzzer hunts wrong rewrites, which are off by far more: it allows 1e-4, judges each output
+# against its largest value over several runs, and verifies a symbolic batch at batch 4. Passes
+# that promise bit-exact results are held to that instead. A numeric failure that remains may
+# still be noise on a static batch of 1: evaluate both graphs in float64 to tell
+# (test_fuzz_regressions.run_float64).
 FUZZ_TOLERANCE = Tolerance(atol=1e-8, rtol=1e-4)
 EXACT = Tolerance(atol=0.0, rtol=0.0)
 EXACT_PASSES = {"remove-identity-scale"}  # x*1, x+0, Identity, ...: bit for bit (-0.0 == +0.0)
 CLEAN = (CHANGED, UNCHANGED)
 SECOND_BATCH = 3
+PIPELINE_BATCH = 4
 
 
 def builtin_passes() -> list[str]:
@@ -121,13 +124,24 @@ def assert_same_interface(original: onnx.ModelProto, optimized: onnx.ModelProto)
 
 
 def assert_equivalent_runs(spec: str, generated: GeneratedModel, optimized: onnx.ModelProto) -> None:
-    """ORT on the original vs ORT on the result: two seeds, and another batch size when dynamic."""
+    """ORT on the original vs ORT on the result: two seeds, and another batch size when dynamic.
+
+    Each output's worst error is judged against its largest value over all the runs, so that one
+    run whose output happens to cancel to near zero does not take fp32 noise for a difference.
+    """
     runs = [{"seed": 0}, {"seed": 1}]
     if generated.dynamic_batch:
         runs.append({"seed": 2, "input_shapes": generated.input_shape(SECOND_BATCH)})
-    for run in runs:
-        verdict = check_equivalent(generated.model, optimized, backend=BACKEND, tolerance=tolerance_for(spec), **run)
-        assert verdict.passed, f"{run}: {verdict.worst.describe()}"
+    tolerance = tolerance_for(spec)
+    verdicts = [check_equivalent(generated.model, optimized, backend=BACKEND, tolerance=tolerance, **run) for run in runs]
+    mismatched = [f"{run}: {o.describe()}" for run, v in zip(runs, verdicts) for o in v.outputs if o.reason]
+    assert not mismatched, "\n".join(mismatched)  # names, dtypes, shapes, NaN/Inf placement
+    for name in [o.name for o in verdicts[0].outputs]:
+        per_run = [o for v in verdicts for o in v.outputs if o.name == name]
+        error, scale = max(o.max_abs_err for o in per_run), max(o.scale for o in per_run)
+        assert error <= tolerance.atol + tolerance.rtol * scale, (
+            f"{name}: max abs error {error:.3g} over {len(runs)} runs, largest |output| {scale:.3g}, tolerance {tolerance}"
+        )
 
 
 def assert_idempotent(spec: str, optimized: onnx.ModelProto) -> None:
@@ -153,7 +167,9 @@ def assert_idempotent(spec: str, optimized: onnx.ModelProto) -> None:
 def check_pipeline_properties(spec: str, generated: GeneratedModel) -> None:
     model = generated.model
     before = model.SerializeToString(deterministic=True)
-    optimized, report = run_pipeline(spec, model)
+    # A symbolic batch is verified at batch 4, not 1: more values for the output scale (see above).
+    input_shapes = generated.input_shape(PIPELINE_BATCH) if generated.dynamic_batch else {}
+    optimized, report = run_pipeline(spec, model, input_shapes=input_shapes)
     note(f"report: {[(p.name, p.status, p.sites_applied) for p in report.passes]}")
     assert model.SerializeToString(deterministic=True) == before, "the input ModelProto was modified"
     assert_no_site_rolled_back(report)

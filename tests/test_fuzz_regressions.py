@@ -13,11 +13,12 @@ from onnx.reference import ReferenceEvaluator
 from graphopt import Pipeline, optimize
 from graphopt.passes.fc_to_conv import FcToConv
 from graphopt.passes.merge_convs import MergeConvs
+from graphopt.passes.pad_channels import PadChannels
 from graphopt.passes.simplify import Simplify
 from graphopt.testing import assert_equivalent
 from graphopt.verify import make_feed
 from tests.fixtures.cases import load_case
-from tests.helpers import op_counts, run_pass
+from tests.helpers import assert_rewrites_equivalently, op_counts, run_pass
 
 
 def declared_shapes(values: list[onnx.ValueInfoProto]) -> list[list[int | str]]:
@@ -66,6 +67,17 @@ def test_simplify_keeps_the_declared_input_and_output_shapes():
     assert record.status == "changed" and op_counts(out) == {"Relu": 1}
     assert declared_shapes(out.graph.input) == declared_shapes(model.graph.input) == [["N", 1, 4, 4]]
     assert declared_shapes(out.graph.output) == declared_shapes(model.graph.output)
+
+
+def test_simplify_does_not_count_onnxsims_reordering_of_constant_nodes_as_a_change():
+    model = load_case("fuzz_regressions/three_constant_nodes")
+    _, record, _ = run_pass(model, Simplify())
+    assert record.status == "unchanged" and record.skipped == {"already simplified": 1}
+
+
+def test_all_converges_when_onnxsim_reorders_constant_nodes():
+    _, report = optimize(load_case("fuzz_regressions/three_constant_nodes"), "all", fixed_point=True)
+    assert report.iterations == 1 and report.equivalent
 
 
 # -- merge-convs(vertical=true) ------------------------------------------------------------------
@@ -142,3 +154,20 @@ def test_fc_to_conv_is_exact_on_a_cancelling_head_in_float64():
 def test_verifier_accepts_fc_to_conv_on_a_cancelling_head():
     _, record, _ = run_pass(load_case("fuzz_regressions/cancelling_head"), FcToConv())
     assert record.status == "changed", [site.reason for site in record.rolled_back]
+
+
+# -- pad-channels with one channel -----------------------------------------------------------------
+
+
+def test_pad_channels_keeps_one_channel_residual_sites_apart():
+    model = load_case("fuzz_regressions/one_channel_residuals")
+    out, record = assert_rewrites_equivalently(model, PadChannels(max_overhead=100))
+    assert record.sites_applied == ["conv:conv_1", "conv:conv_2", "conv:conv_3"] and not record.rolled_back
+    onnx.checker.check_model(out, full_check=True)
+
+
+def test_pad_channels_pads_a_one_channel_gate_with_the_map_it_scales():
+    model = load_case("fuzz_regressions/one_channel_squeeze_excite")
+    out, record = assert_rewrites_equivalently(model, PadChannels(max_overhead=100))
+    assert "conv:conv,conv_up" in record.sites_applied and not record.rolled_back
+    onnx.checker.check_model(out, full_check=True)
