@@ -85,7 +85,17 @@ def fuzzed_specs() -> list:
         specs.append(name)
         specs += [f"{name}({options})" for options in OPTION_VARIANTS.get(name, [])]
     opted_in = [f"{name}({ALL_OPT_IN[name]})" if name in ALL_OPT_IN else name for name in default_order() if name in builtins]
+    specs = [pytest.param(spec, marks=pytest.mark.xfail(strict=False, reason=KNOWN_BUGS[spec])) if spec in KNOWN_BUGS else spec
+             for spec in specs]
     return [*specs, "all", pytest.param(",".join(opted_in), id="all-opt-in")]
+
+
+# Open counterexamples, not yet minimized into tests/test_fuzz_regressions.py. Not strict: the
+# example that shows it depends on the hash seed, so some runs pass.
+KNOWN_BUGS = {
+    "pad-channels(precision=int8,max-overhead=100)": "open (issue 7): a second run of pad-channels at int8 pads a site "
+                                                      "again (seen in CI: conv:conv_6,conv_9)",
+}
 
 
 def tolerance_for(spec: str) -> Tolerance:
