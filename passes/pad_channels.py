@@ -743,14 +743,30 @@ def site_costs(site: ChannelSite) -> list[ConvCost]:
         grows_in = is_depthwise or any(conv is c for c in site.input_convs)
         in_channels = geometry.in_per_group * conv.attrs.get("group", 1)
         out_after = site.padded if grows_out else geometry.out_channels
-        in_per_group_after = site.padded if grows_in and not is_depthwise else geometry.in_per_group
+        # Input channels this site leaves alone count for the work they do: zero input filters a
+        # previous run added are not work, or the next run would judge the same site cheaper and
+        # pad it after all (tests/test_fuzz_regressions.py).
+        in_before = geometry.in_per_group if grows_in else live_input_channels(conv, geometry)
+        in_per_group_after = site.padded if grows_in and not is_depthwise else in_before
         costs.append(ConvCost(
             conv.name,
             (geometry.out_channels, out_after),
             (in_channels, site.padded if grows_in else in_channels),
-            (geometry.flops(geometry.out_channels, geometry.in_per_group), geometry.flops(out_after, in_per_group_after)),
+            (geometry.flops(geometry.out_channels, in_before), geometry.flops(out_after, in_per_group_after)),
         ))
     return costs
+
+
+def live_input_channels(conv: gs.Node, geometry: ConvGeometry) -> int:
+    """Input channels per group up to the last one any filter reads with a non-zero weight."""
+    weight = conv_weight(conv)
+    if not isinstance(weight, ConvWeight) or conv.attrs.get("group", 1) != 1:
+        return geometry.in_per_group
+    values = weight.values.reshape(weight.shape[0], weight.shape[1], -1)
+    if weight.zero_point is not None:  # a quantized zero is the zero point
+        values = values.astype(np.int32) - weight.zero_point.astype(np.int32).reshape(-1, 1, 1)
+    read = np.flatnonzero(np.any(values != 0, axis=(0, 2)))
+    return int(read[-1]) + 1 if read.size else geometry.in_per_group
 
 
 def input_site_costs(site: InputSite) -> list[ConvCost]:

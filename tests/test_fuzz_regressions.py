@@ -31,13 +31,22 @@ def changed_on_second_run(model: onnx.ModelProto, spec: str = "all") -> dict[str
 
 
 def in_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same graph computing in float64: float32 constants, inputs and outputs widened."""
+    """The same graph computing in float64: float32 constants, casts, inputs and outputs widened."""
+    def widen(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+
     wide = onnx.ModelProto()
     wide.CopyFrom(model)
     del wide.graph.value_info[:]
-    for index, init in enumerate(wide.graph.initializer):
-        if init.data_type == TensorProto.FLOAT:
-            wide.graph.initializer[index].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for init in wide.graph.initializer:
+        widen(init)
+    for node in wide.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                widen(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.DOUBLE
     for vi in [*wide.graph.input, *wide.graph.output]:
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             vi.type.tensor_type.elem_type = TensorProto.DOUBLE
@@ -171,3 +180,11 @@ def test_pad_channels_pads_a_one_channel_gate_with_the_map_it_scales():
     out, record = assert_rewrites_equivalently(model, PadChannels(max_overhead=100))
     assert "conv:conv,conv_up" in record.sites_applied and not record.rolled_back
     onnx.checker.check_model(out, full_check=True)
+
+
+def test_pad_channels_leaves_nothing_for_a_second_run_when_an_earlier_site_padded_a_conv_input():
+    model = load_case("fuzz_regressions/conv_chain_with_residual")
+    out, record, _ = run_pass(model, PadChannels(align=16, max_overhead=100))
+    assert record.sites_applied == ["conv:conv_1"] and record.skipped["FLOP overhead above max_overhead"] == 1
+    _, again, _ = run_pass(out, PadChannels(align=16, max_overhead=100))
+    assert again.status == "unchanged" and again.skipped["FLOP overhead above max_overhead"] == 1
