@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.checker
 import onnx.defs
 import onnx.shape_inference
+from onnx import numpy_helper
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelError, OutputPathError
@@ -67,7 +68,12 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and validate a model, or raise a ModelError that says what is wrong with it."""
+    """Load and validate a model, or raise a ModelError that says what is wrong with it.
+
+    This is the one check that reads the weights: onnx.checker reads the file itself, so the
+    model is not serialized again for it. Later checks (`check_model`, `check_and_infer`) read
+    the graph without its weights.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -89,7 +95,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: external data cannot be loaded ({_first_line(err)})") from None
     check_supported_opset(model, path)
     try:
-        check_model(model, full=False)
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         raise ModelError(f"{path}: fails onnx.checker: {_first_line(err)}") from None
     return model
@@ -106,56 +112,97 @@ def check_supported_opset(model: onnx.ModelProto, where: str | os.PathLike = "mo
 
 
 def check_model(model: onnx.ModelProto, full: bool) -> None:
-    """onnx.checker; `full` adds strict shape inference. Raises onnx.checker.ValidationError."""
-    if not is_large(model):
-        onnx.checker.check_model(model, full_check=full)
-        return
-    with _as_file(model) as path:
-        onnx.checker.check_model(path, full_check=full)
+    """onnx.checker on the graph; `full` adds strict shape inference. Raises ValidationError.
+
+    Weights are checked once, by `load_model`. Passes make new weights with numpy_helper, which
+    cannot write a malformed tensor, so this check reads the graph without them (see `graph_only`):
+    it costs the same for a 100 MB model as for its graph, and needs no temporary file over 2 GB.
+    """
+    onnx.checker.check_model(graph_only(model), full_check=full)
 
 
 def check_and_infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    """onnx.checker, then shape inference (strict: failures raise); one temporary file if large."""
-    if not is_large(model):
-        onnx.checker.check_model(model)
-        return _infer_in_memory(model, strict)
-    with _as_file(model) as path:
-        onnx.checker.check_model(path)
-        return _infer_from_file(model, path, strict)
+    """onnx.checker, then shape inference (strict: failures raise), into `model` itself."""
+    light = graph_only(model)
+    onnx.checker.check_model(light)
+    _take_inferred(model, _infer(light, strict))
+    return model
 
 
-def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """Shapes for every tensor onnx can infer, with data propagation for shape subgraphs."""
-    if not is_large(model):
-        return _infer_in_memory(model, strict)
-    with _as_file(model) as path:
-        return _infer_from_file(model, path, strict)
-
-
-# Inference reads an initializer's dtype and dims, and the values of small integer tensors
-# (data propagation through Shape/Gather/Concat arithmetic), never the bytes of float weights.
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-_WEIGHT_MIN_BYTES = 1024
-
-
-def _infer_in_memory(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    """Inference on a copy without float weight bytes; the shapes are then put on a full copy.
-
-    onnx.shape_inference serializes its input and parses its result, so on ResNet-50 each call
-    copied 100 MB four times (0.34 s, against 0.01 s for the graph alone). The weights go in as
-    external-data references, as `_infer_from_file` does for models over 2 GB.
-    """
-    inferred = onnx.shape_inference.infer_shapes(_without_weight_bytes(model), strict_mode=strict, data_prop=True)
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    for field in ("node", "value_info", "output"):  # what inference adds or refines (nodes: subgraph shapes)
-        del getattr(result.graph, field)[:]
-        getattr(result.graph, field).extend(getattr(inferred.graph, field))
+def infer_shapes(model: onnx.ModelProto, strict: bool = False, *, in_place: bool = False) -> onnx.ModelProto:
+    """`model` (or a copy) with shapes for every tensor onnx can infer (with data propagation)."""
+    result = model
+    if not in_place:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+    _take_inferred(result, _infer(graph_only(model), strict))
     return result
 
 
-def _without_weight_bytes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """What shape inference reads of `model`: large float initializers become data-less references."""
+# Inference and the checker read an initializer's dtype and dims, and the values of small integer
+# tensors (data propagation through Shape/Gather/Concat arithmetic), never the bytes of weights.
+_SHAPE_DTYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+_WEIGHT_MIN_BYTES = 1024
+
+
+def graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without its weights: initializers of 1 KiB or more become graph inputs of the same type.
+
+    Shape inference and onnx.checker serialize their input, so on ResNet-50 each call used to
+    copy 100 MB (0.2 s, against 0.01 s for the graph). Integer tensors stay whatever their size:
+    shape arithmetic reads their values.
+    """
+    light = _graph_without_initializers(model)
+    graph, source = light.graph, model.graph
+    listed = {vi.name for vi in source.input}
+    for tensor in source.initializer:
+        if tensor.data_type in _SHAPE_DTYPES or _tensor_bytes(tensor) < _WEIGHT_MIN_BYTES:
+            graph.initializer.append(tensor)
+        elif tensor.name not in listed:  # before IR 4 initializers are listed as inputs already
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return light
+
+
+def _infer(light: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(light, strict_mode=strict, data_prop=True)
+
+
+def _take_inferred(model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    """Put what inference adds or refines into `model`: value_info, outputs, subgraph shapes."""
+    for field in ("node", "value_info", "output"):
+        del getattr(model.graph, field)[:]
+        getattr(model.graph, field).extend(getattr(inferred.graph, field))
+
+
+# Weights a runtime can take as arrays; other types (bfloat16, float8, packed 4-bit, strings) stay inline.
+_ARRAY_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                 onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64}
+IN_MEMORY = "(in memory)"
+
+
+def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The graph with its weights of 1 KiB or more as external-data references, and those weights.
+
+    A runtime given both (ONNX Runtime's add_external_initializers) runs exactly the model, but
+    nothing serializes the weights: on ResNet-50 that was 0.1 s per session, and a model over
+    2 GB needs no temporary file.
+    """
+    light = _graph_without_initializers(model)
+    weights: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in _ARRAY_DTYPES and tensor.data_location != onnx.TensorProto.EXTERNAL \
+                and _tensor_bytes(tensor) >= _WEIGHT_MIN_BYTES:
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+            reference = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            reference.data_location = onnx.TensorProto.EXTERNAL
+            reference.external_data.add(key="location", value=IN_MEMORY)
+        else:
+            light.graph.initializer.append(tensor)
+    return light, weights
+
+
+def _graph_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What checkers and runtimes read of a model, less the initializers (no weight is copied)."""
     light = onnx.ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
@@ -163,44 +210,7 @@ def _without_weight_bytes(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.name = source.name
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, field).extend(getattr(source, field))
-    for tensor in source.initializer:
-        if tensor.data_type in _FLOAT_TYPES and len(tensor.raw_data) >= _WEIGHT_MIN_BYTES:
-            reference = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-            reference.data_location = onnx.TensorProto.EXTERNAL
-            reference.external_data.add(key="location", value="(weights left out for shape inference)")
-        else:
-            graph.initializer.append(tensor)
     return light
-
-
-def _infer_from_file(model: onnx.ModelProto, path: str, strict: bool) -> onnx.ModelProto:
-    inferred_path = path + ".inferred.onnx"
-    onnx.shape_inference.infer_shapes_path(path, inferred_path, strict_mode=strict, data_prop=True)
-    inferred = onnx.load_model(inferred_path, load_external_data=False)
-    # Weights are unchanged by inference: keep the loaded ones, take only the new shapes.
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    del result.graph.value_info[:]
-    result.graph.value_info.extend(inferred.graph.value_info)
-    return result
-
-
-@contextlib.contextmanager
-def model_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """What a runtime can load: the serialized bytes, or a temporary path for a large model."""
-    if not is_large(model):
-        yield model.SerializeToString()
-        return
-    with _as_file(model) as path:
-        yield path
-
-
-@contextlib.contextmanager
-def _as_file(model: onnx.ModelProto) -> Iterator[str]:
-    with tempfile.TemporaryDirectory(prefix="graphopt-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        _write(model, path)
-        yield path
 
 
 def _write(model: onnx.ModelProto, path: str) -> None:

@@ -103,7 +103,7 @@ class Pipeline:
         self._full_check = _passes_full_check(working)
         if not self._full_check:
             report.warnings.append("the input fails strict shape inference; passes are checked with onnx.checker only")
-        working = modelio.infer_shapes(working)
+        modelio.infer_shapes(working, in_place=True)
         report.nodes_before = len(working.graph.node)
         report.flops_before = count_flops(working).total
         original = _reference_or_explain(verifier, working) if verifier else None

@@ -303,6 +303,9 @@ def root_problem(conv: gs.Node, align: int) -> str | None:
     """Why `conv` cannot have its output channels padded, or None."""
     if conv.attrs.get("group", 1) != 1:
         return SKIP_GROUPED
+    shape = conv.outputs[0].shape
+    if shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] % align == 0:
+        return SKIP_ALIGNED  # decided before the weight is read: most convs are aligned
     weight = conv_weight(conv)
     if isinstance(weight, str):
         return weight

@@ -8,7 +8,6 @@ layer through Identity nodes (the TorchScript exporter's deduplication) count as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,7 +31,6 @@ ACTIVATIONS = frozenset({
 COMPOSITE_ACTIVATIONS = frozenset({"HardSwish", "Mish", "PRelu"})
 FLOAT_TYPES = frozenset({np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)})
 _IDENTITY_HOPS = 16
-_INLINE_ELEMENTS = 1024  # initializers up to this size stay in the copy shape inference reads
 
 
 @dataclass
@@ -72,23 +70,9 @@ def infer_shapes_lightly(model: onnx.ModelProto, unit_dims: bool = False) -> onn
     and a token count that only inference over a static batch works out (ViT's Reshape to
     [batch * 197, 192]) would otherwise count as 1 too.
     """
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph = light.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.sparse_initializer.extend(model.graph.sparse_initializer)
-    listed = {t.name for t in graph.input}
-    for tensor in model.graph.initializer:
-        if math.prod(tensor.dims) <= _INLINE_ELEMENTS:
-            graph.initializer.append(tensor)
-        elif tensor.name not in listed:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    light = modelio.graph_only(model)
     if unit_dims:
-        for tensor in graph.input:
+        for tensor in light.graph.input:
             for dim in tensor.type.tensor_type.shape.dim:
                 if not dim.HasField("dim_value"):
                     dim.dim_value = 1
