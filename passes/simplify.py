@@ -39,6 +39,14 @@ WHOLE_MODEL = "(whole model)"
 @dataclass(frozen=True)
 class SimplifyOptions:
     optimize: bool = True  # also run onnxsim's fusions (e.g. Conv+BatchNormalization)
+    # onnxsim's fusions run in onnxoptimizer, whose time grows with the square of the node count
+    # (docs/benchmarks.md: 1.8 s at 5k nodes for a pass that changes nothing). Above this many
+    # nodes only constant folding and shape inference run, with a warning; 0 means no limit.
+    optimize_max_nodes: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.optimize_max_nodes < 0:
+            raise ValueError("optimize-max-nodes must be 0 (no limit) or more")
 
 
 class Simplify(GraphPass[SimplifyOptions]):
@@ -55,9 +63,15 @@ class Simplify(GraphPass[SimplifyOptions]):
             stats.skip(reason)
             stats.warnings.append(f"simplify skipped: {reason}")
             return PassResult(model, [], [], stats)
+        optimize = self.options.optimize
+        if optimize and 0 < self.options.optimize_max_nodes < len(model.graph.node):
+            optimize = False
+            stats.counters["optimizer_skipped"] += 1
+            stats.warnings.append(f"simplify: {len(model.graph.node)} nodes is over optimize-max-nodes "
+                                  f"({self.options.optimize_max_nodes}); folded constants without onnxsim's fusions")
         try:
-            simplified = self._run_onnxsim(model, self.options.optimize)
-            if self.options.optimize and (problem := check_problem(simplified, strict=check_problem(model, strict=True) is None)):
+            simplified = self._run_onnxsim(model, optimize)
+            if optimize and (problem := check_problem(simplified, strict=check_problem(model, strict=True) is None)):
                 stats.counters["optimizer_output_rejected"] += 1
                 stats.warnings.append(f"simplify: onnxsim's optimizer made an invalid model ({problem}); folded constants only")
                 simplified = self._run_onnxsim(model, optimize=False)

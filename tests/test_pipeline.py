@@ -9,6 +9,7 @@ import pytest
 from graphopt import EquivalenceError, Pipeline, optimize
 from graphopt.spec import parse_spec
 from graphopt.testing import assert_equivalent
+from tests.fixtures.builders import make_model, node, rand
 from tests.fixtures.cases import load_case
 
 
@@ -79,6 +80,27 @@ def test_simplify_folds_identity_routed_weights():
     out, report = optimize(load_case("core/identity_weights"), "simplify")
     assert "Identity" not in [n.op_type for n in out.graph.node]
     assert report.passes[0].verified_by == "onnxruntime"
+
+
+def conv_batchnorm() -> onnx.ModelProto:
+    stats = {"scale": rand(4, seed=1) + 1.5, "bias": rand(4, seed=2), "mean": rand(4, seed=3), "var": rand(4, seed=4) ** 2 + 0.5}
+    return make_model(
+        [node("Conv", ["x", "w"], ["c"], name="conv"), node("BatchNormalization", ["c", *stats], ["y"], name="bn")],
+        {"x": [1, 3, 8, 8]}, ["y"], {"w": rand(4, 3, 3, 3), **stats},
+    )
+
+
+def test_simplify_fuses_a_batchnorm_into_its_conv():
+    out, report = optimize(conv_batchnorm(), "simplify")
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and report.equivalent
+
+
+def test_simplify_above_optimize_max_nodes_folds_without_fusing_and_says_so():
+    out, report = optimize(conv_batchnorm(), "simplify(optimize-max-nodes=1)")
+    assert [n.op_type for n in out.graph.node] == ["Conv", "BatchNormalization"]
+    [record] = report.passes
+    assert record.counters == {"optimizer_skipped": 1}
+    assert record.warnings == ["simplify: 2 nodes is over optimize-max-nodes (1); folded constants without onnxsim's fusions"]
 
 
 def test_every_pass_leaves_a_checked_model_with_names_and_opsets_kept(plugin_installed):
