@@ -7,6 +7,8 @@ value is only known through a Constant node, an export that forgets the model's 
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -144,9 +146,34 @@ def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
-    """A new initializer with a name not yet used in the graph."""
+    """An initializer holding `values`: one already in the graph with the same bytes, or a new one.
+
+    Reusing equal initializers is what onnxsim does when `simplify` runs (it merges them), so a
+    graph the passes leave has none to merge, and a second run of `all` changes nothing. Sharing
+    is safe because no pass writes into a constant's values; passes make new constants instead.
+    """
     # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
-    return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
+    values = np.array(values, order="C")
+    same_type = _constants_by_type(graph).setdefault((values.dtype.str, values.shape), [])
+    for existing in same_type:
+        if existing.values.tobytes() == values.tobytes():  # bytes: -0.0 and NaN payloads count
+            return existing
+    constant = gs.Constant(unique_name(graph, stem), values)
+    same_type.append(constant)
+    return constant
+
+
+def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], list[gs.Constant]]:
+    """The graph's initializers by dtype and shape, built once per graph (values load lazily)."""
+    index = graph.__dict__.get("_graphopt_constants")  # not getattr: see unique_name
+    if index is None:
+        index = {}
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                with contextlib.suppress(TypeError):  # a dtype numpy cannot name (bfloat16): never shared
+                    index.setdefault((np.dtype(tensor.dtype).str, tuple(tensor.shape)), []).append(tensor)
+        graph.__dict__["_graphopt_constants"] = index
+    return index
 
 
 def unique_name(graph: gs.Graph, stem: str) -> str:

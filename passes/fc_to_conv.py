@@ -2,10 +2,11 @@
 
 Matches a *linear*: a Gemm (transA=0, transB 0 or 1, any alpha/beta, bias C of shape [N], [1, N],
 one element, or none) or a MatMul followed, optionally, by an Add of a constant per-channel bias; the weight
-is a constant 2-D matrix and the input a 2-D [B, K] tensor of float32 or float16. Linears joined
-only by elementwise, shape-preserving ops (Relu, LeakyRelu, Clip, Sigmoid, Tanh, HardSwish,
-Identity, inference Dropout, BatchNormalization, a scalar Add/Mul, ...) form one *chain*, and a
-chain is one site.
+is a constant 2-D matrix and the input a 2-D [B, K] tensor of float32 or float16. An inference
+BatchNormalization right after it is part of the linear too (see "BatchNormalization" below).
+Linears joined only by elementwise, shape-preserving ops (Relu, LeakyRelu, Clip, Sigmoid, Tanh,
+HardSwish, Identity, inference Dropout, BatchNormalization, a scalar Add/Mul, ...) form one
+*chain*, and a chain is one site.
 
 Emits, for a chain:
 
@@ -13,15 +14,35 @@ Emits, for a chain:
    a. when the input is Flatten(axis=1), or a Reshape that provably flattens to [B, C*H*W], of a
       4-D [B, C, H, W] map with static C, H, W: a Conv with an HxW kernel over that map, its
       weight the [N, K] matrix reshaped to [N, C, H, W] (Flatten is C-major, and so is NumPy's
-      reshape). No flatten is left in front of it;
+      reshape). No flatten is left in front of it. A Squeeze of axes 2 and 3 (an attribute
+      before opset 13, an input from 13, negative axes allowed) of a [B, C, 1, 1] map, as
+      reduce-to-pool leaves a ReduceMean(keepdims=0), is such a flatten too, with H = W = 1;
    b. otherwise: Reshape(x, [0, K, 1, 1]) and a 1x1 Conv;
 2. every later linear as a 1x1 Conv, and the ops between linears on the 4-D tensors themselves;
 3. one Flatten(axis=1) at the end, writing the chain's original output tensor, so its name,
    dtype and shape (a graph output's too) stay as they were. A tensor inside the chain that
-   something else also reads, or that is a graph output, gets its own Flatten.
+   something else also reads, or that is a graph output, gets its own Flatten. Where only
+   Reshapes to a constant shape read the 2-D tensor (a head reshaped to [B, anchors, classes]),
+   they read the 4-D one instead, with no Flatten: onnxsim would fold Flatten -> Reshape into one
+   Reshape the next time `simplify` runs.
 
 alpha is folded into the weight and beta into the bias. The batch dimension is never spelled
 out (Reshape copies it with 0, Flatten keeps axis 0), so a symbolic batch works.
+
+BatchNormalization. A BatchNormalization that reads a linear's output as its only reader
+(inference form: training_mode 0, one output, spatial 1; scale, B, mean and var constants of
+shape [N] in the weight's dtype, finite, var + epsilon > 0) is folded into that linear:
+with s = scale / sqrt(var + epsilon), row n of the weight is scaled by s[n] and the bias becomes
+(b - mean) * s + B, computed in float64 and stored in the weight's dtype. Carried into 4-D
+instead, it would sit right after a Conv, where onnxsim's fuse_bn_into_conv folds it the next
+time `simplify` runs: `all` would change the graph again on its own output. For TensorRT the
+fold saves at most one layer: the ONNX parser imports a BatchNormalization with initializer
+statistics as one IScaleLayer in kCHANNEL mode (onnx/onnx-tensorrt onnxOpImporters.cpp, commit
+0137504e, `batchnormWeightHelper`); the sources found here do not say whether the builder fuses
+that layer into the convolution before it. After a chain's last linear the BatchNormalization
+would follow the Flatten, out of reach of any convolution fusion. The fold is for a canonical,
+idempotent graph; no speed-up was measured. A BatchNormalization that cannot be folded is
+counted by reason and stays where it is (carried in 4-D when it is between two linears).
 
 Why TensorRT benefits: TensorRT's FullyConnected layer is gone. NvInfer.h deprecated
 `addFullyConnected` in 8.4 ("Superseded by addMatrixMultiply()": NVIDIA/TensorRT include/NvInfer.h
@@ -56,7 +77,10 @@ rank or of a rank other than 2; a dtype other than float32/float16, or weight an
 that differ; a Gemm bias that is not a constant or not per-channel ([B, N] with B != 1,
 [M, 1]); a linear whose output is read inside a subgraph; token-wise linears unless
 `token_linears`; opsets below 7. An elementwise op is carried in 4-D only when it does not
-depend on the rank; a chain stops before any tensor read inside a subgraph.
+depend on the rank; a chain stops before any tensor read inside a subgraph. A BatchNormalization
+after a linear is not folded when the linear's output has other readers or is a graph output,
+when it is not in inference form, when its output is read inside a subgraph, or when its
+parameters are not constants, not [N], of another dtype, not finite, or var + epsilon <= 0.
 """
 
 from __future__ import annotations
@@ -72,6 +96,7 @@ from graphopt.graphs import (
     is_graph_output,
     make_constant,
     rank,
+    replace_input,
     unique_name,
     used_in_subgraph,
 )
@@ -89,6 +114,8 @@ RANK_FREE_UNARY = frozenset({
 # Binary elementwise ops, carried when the other operand is a one-element constant of rank <= 2
 # (it then broadcasts the same way against [B, N] and [B, N, 1, 1]; PRelu's slope is its second).
 SCALAR_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"})
+# Ops that can turn a per-sample tensor into the [B, K] input of a linear (see flattens_per_sample).
+FLATTENING_OPS = ("Flatten", "Reshape", "Squeeze")
 
 
 @dataclass(frozen=True)
@@ -113,11 +140,11 @@ class Linear:
 
     name: str  # the Gemm/MatMul node's name
     op: str
-    nodes: tuple[gs.Node, ...]  # the Gemm/MatMul, then the bias Add it absorbed, if any
+    nodes: tuple[gs.Node, ...]  # the Gemm/MatMul, then the bias Add and BatchNormalization it absorbed
     input: gs.Tensor  # [B, K]
-    output: gs.Tensor  # [B, N], after the bias
-    weight: np.ndarray  # [N, K], alpha folded in, in the input's dtype
-    bias: np.ndarray | None  # [N], beta folded in
+    output: gs.Tensor  # [B, N], after the bias and BatchNormalization
+    weight: np.ndarray  # [N, K], alpha and BatchNormalization folded in, in the input's dtype
+    bias: np.ndarray | None  # [N], beta and BatchNormalization folded in
 
     def describe(self) -> str:
         return f"{self.op} {self.name} {self.weight.shape[1]}->{self.weight.shape[0]}"
@@ -140,7 +167,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
     name = "fc-to-conv"
     summary = "Run Gemm/MatMul linears with constant weights as Conv, keeping FC chains 4-D."
     Options = FcToConvOptions
-    order = 30
+    order = 40
 
     # -- match -------------------------------------------------------------------------------------
 
@@ -152,10 +179,8 @@ class FcToConv(GraphPass[FcToConvOptions]):
         for node in graph.nodes:
             if node.op not in ("Gemm", "MatMul") or not in_default_domain(node):
                 continue
-            linear, reason = self.match_linear(graph, node)
-            if reason is not None:
-                stats.skip(reason)
-            else:
+            linear = self.match_linear(graph, node, stats)
+            if linear is not None:
                 linears[node.name] = linear
 
         successors = {name: next_in_chain(graph, linear, linears) for name, linear in linears.items()}
@@ -173,8 +198,11 @@ class FcToConv(GraphPass[FcToConvOptions]):
             sites.append(Site(chain.key, chain))
         return sites
 
-    def match_linear(self, graph: gs.Graph, node: gs.Node) -> tuple[Linear | None, str | None]:
-        """The linear computed by a Gemm/MatMul (absorbing a following bias Add), or why not."""
+    def match_linear(self, graph: gs.Graph, node: gs.Node, stats: PassStats) -> Linear | None:
+        """The linear computed by a Gemm/MatMul, absorbing a bias Add and a BatchNormalization after it.
+
+        Counts why a Gemm/MatMul is no linear, and why a BatchNormalization reading it stays.
+        """
         x, weight = node.inputs[0], constant_value(node.inputs[1])
         reason = (
             gemm_transposes_input(node)
@@ -187,11 +215,18 @@ class FcToConv(GraphPass[FcToConvOptions]):
             or output_in_subgraph(graph, node.outputs[0])
         )
         if reason is not None:
-            return None, reason
+            stats.skip(reason)
+            return None
         linear = absorb_bias_add(graph, fc_linear(node, weight))
+        if (batchnorm := reading_batchnorm(linear)) is not None:
+            if (reason := reason_not_to_fold(graph, linear, batchnorm)) is not None:
+                stats.skip(f"BatchNormalization not folded: {reason}")
+            else:
+                linear = fold_batchnorm(linear, batchnorm)
         if not self.options.token_linears and is_token_linear(linear):
-            return None, "token-wise linear (token_linears=false)"
-        return linear, None
+            stats.skip("token-wise linear (token_linears=false)")
+            return None
+        return linear
 
     # -- rewrite -----------------------------------------------------------------------------------
 
@@ -216,8 +251,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
             last = index == len(chain.linears) - 1
             next_node = None if last else (chain.carried[index] or (chain.linears[index + 1].nodes[0],))[0]
             if last or read_outside_chain(graph, linear.output, next_node):
-                emit_flatten(graph, y4, linear.output)
-                flattens += 1
+                flattens += emit_flatten(graph, y4, linear.output)
             if not last:
                 x4, extra = carry_in_4d(graph, chain.carried[index], linear.output, y4, chain.linears[index + 1].nodes[0])
                 flattens += extra
@@ -228,6 +262,9 @@ class FcToConv(GraphPass[FcToConvOptions]):
         stats.counters["ops_carried_in_4d"] += sum(len(ops) for ops in chain.carried)
         if chain.source is not None:
             stats.counters["flattens_folded_into_kernel"] += 1
+        batchnorms = [node.name for linear in chain.linears for node in linear.nodes if node.op == "BatchNormalization"]
+        if batchnorms:
+            stats.counters["batchnorms_folded"] += len(batchnorms)
         stats.details.append({
             "site": chain.key,
             "linears": [linear.describe() for linear in chain.linears],
@@ -236,6 +273,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
                 if chain.source is not None else "2-D matrix viewed as [B, K, 1, 1]"
             ),
             "carried_in_4d": [node.op for ops in chain.carried for node in ops],
+            "batchnorms_folded": batchnorms,
             "flattens": flattens,
         })
 
@@ -303,6 +341,41 @@ def output_in_subgraph(graph: gs.Graph, output: gs.Tensor) -> str | None:
     return "output is read inside a subgraph" if used_in_subgraph(graph, output) else None
 
 
+# -- named checks: each returns why a BatchNormalization after a linear is not folded into it, or None
+
+
+def linear_output_read_elsewhere(graph: gs.Graph, linear: Linear) -> str | None:
+    if len(linear.output.outputs) != 1:
+        return "the linear's output has other readers"
+    if is_graph_output(graph, linear.output):
+        return "the linear's output is a graph output"
+    return None
+
+
+def batchnorm_not_in_inference_form(batchnorm: gs.Node) -> str | None:
+    if batchnorm.attrs.get("training_mode", 0):
+        return "training mode"
+    if len(batchnorm.outputs) != 1:
+        return "more than one output"
+    if batchnorm.attrs.get("spatial", 1) != 1 or len(batchnorm.inputs) != 5:
+        return "not the per-channel form (spatial=1, five inputs)"
+    return None
+
+
+def batchnorm_parameters_not_foldable(batchnorm: gs.Node, weight: np.ndarray) -> str | None:
+    values = [constant_value(t) for t in batchnorm.inputs[1:5]]
+    if any(v is None for v in values):
+        return "scale, bias, mean or variance is not a constant"
+    if any(v.shape != (weight.shape[0],) for v in values):
+        return "parameters are not one value per output channel"
+    if any(v.dtype != weight.dtype for v in values):
+        return "parameter dtype differs from the weight's"
+    variance = values[3].astype(np.float64)
+    if not all(np.all(np.isfinite(v)) for v in values) or np.any(variance + float(batchnorm.attrs.get("epsilon", 1e-5)) <= 0):
+        return "parameters are not finite, or variance + epsilon is not positive"
+    return None
+
+
 # -- matching helpers -------------------------------------------------------------------------------
 
 
@@ -358,12 +431,45 @@ def absorb_bias_add(graph: gs.Graph, linear: Linear) -> Linear:
     return replace(linear, nodes=(*linear.nodes, add), output=add.outputs[0], bias=total.astype(linear.weight.dtype))
 
 
+def reading_batchnorm(linear: Linear) -> gs.Node | None:
+    """A default-domain BatchNormalization that reads the linear's output as its data, if any."""
+    return next(
+        (c for c in linear.output.outputs if c.op == "BatchNormalization" and in_default_domain(c) and c.inputs[0] is linear.output),
+        None,
+    )
+
+
+def reason_not_to_fold(graph: gs.Graph, linear: Linear, batchnorm: gs.Node) -> str | None:
+    """Why `batchnorm` cannot be folded into the linear it reads, or None."""
+    return (
+        linear_output_read_elsewhere(graph, linear)
+        or batchnorm_not_in_inference_form(batchnorm)
+        or output_in_subgraph(graph, batchnorm.outputs[0])
+        or batchnorm_parameters_not_foldable(batchnorm, linear.weight)
+    )
+
+
+def fold_batchnorm(linear: Linear, batchnorm: gs.Node) -> Linear:
+    """y = s (x - mean) + beta with s = scale / sqrt(var + eps), x = W v + b: W' = s W (per row), b' = s (b - mean) + beta."""
+    scale, beta, mean, var = (constant_value(t).astype(np.float64) for t in batchnorm.inputs[1:5])
+    s = scale / np.sqrt(var + float(batchnorm.attrs.get("epsilon", 1e-5)))
+    dtype = linear.weight.dtype
+    bias = np.zeros_like(s) if linear.bias is None else linear.bias.astype(np.float64)
+    weight = linear.weight.astype(np.float64) * s[:, None]
+    return replace(
+        linear, nodes=(*linear.nodes, batchnorm), output=batchnorm.outputs[0],
+        weight=weight.astype(dtype), bias=((bias - mean) * s + beta).astype(dtype),
+    )
+
+
 def flattens_per_sample(node: gs.Node) -> bool:
-    """Whether a Flatten/Reshape provably turns [B, d1, ..., dk] into [B, d1*...*dk]."""
+    """Whether a Flatten/Reshape/Squeeze provably turns [B, d1, ..., dk] into [B, d1*...*dk]."""
     data = node.inputs[0]
     data_rank = rank(data)
     if data_rank is None or data_rank < 2:
         return False
+    if node.op == "Squeeze":
+        return squeezes_unit_spatial_axes(node)
     if node.op == "Flatten":
         axis = int(node.attrs.get("axis", 1))
         return axis == 1 or axis + data_rank == 1
@@ -385,11 +491,29 @@ def flattens_per_sample(node: gs.Node) -> bool:
     return copies_batch or static_batch or first == -1
 
 
+def squeezes_unit_spatial_axes(node: gs.Node) -> bool:
+    """Whether a Squeeze drops exactly axes 2 and 3 of a [B, C, 1, 1] tensor (a pooled map's flatten).
+
+    Its axes are an attribute before opset 13 and an input from 13; with none, it would drop a
+    batch of 1 too.
+    """
+    data = node.inputs[0]
+    if rank(data) != 4 or any(not isinstance(d, (int, np.integer)) or d != 1 for d in data.shape[2:]):
+        return False
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        axes = constant_value(node.inputs[1])
+    else:
+        axes = node.attrs.get("axes")
+    if axes is None:
+        return False
+    return sorted(int(a) + 4 if int(a) < 0 else int(a) for a in np.ravel(axes)) == [2, 3]
+
+
 def feature_map_source(linear: Linear) -> FeatureMap | None:
-    """The 4-D map behind a Flatten/Reshape feeding the linear, when its kernel can cover it."""
+    """The 4-D map behind a Flatten/Reshape/Squeeze feeding the linear, when its kernel can cover it."""
     x = linear.input
     producer = x.inputs[0] if len(x.inputs) == 1 else None
-    if producer is None or producer.op not in ("Flatten", "Reshape") or not in_default_domain(producer):
+    if producer is None or producer.op not in FLATTENING_OPS or not in_default_domain(producer):
         return None
     data = producer.inputs[0]
     if rank(data) != 4 or constant_value(data) is not None or not flattens_per_sample(producer):
@@ -494,10 +618,37 @@ def emit_conv(
     return y4
 
 
-def emit_flatten(graph: gs.Graph, x4: gs.Tensor, output: gs.Tensor) -> None:
-    """[B, N, 1, 1] -> the original [B, N] tensor object (its name, dtype and shape are kept)."""
+def emit_flatten(graph: gs.Graph, x4: gs.Tensor, output: gs.Tensor) -> int:
+    """[B, N, 1, 1] -> the original [B, N] tensor object (its name, dtype and shape are kept).
+
+    When only Reshapes with a constant shape read `output` (and it is no graph output), they read
+    the 4-D tensor instead and no Flatten is emitted: onnxsim would fold a Flatten -> Reshape pair
+    into one Reshape the next time `simplify` runs. Returns the number of Flattens emitted.
+    """
+    readers = list(output.outputs)
+    reshaped_only = readers and all(reshapes_as_data(reader, output) for reader in readers)
+    if reshaped_only and not is_graph_output(graph, output) and not used_in_subgraph(graph, output):
+        for reader in readers:
+            replace_input(reader, output, x4)
+        return 0
     name = unique_name(graph, f"{output.name}/flatten")
     graph.nodes.append(gs.Node("Flatten", name, attrs={"axis": 1}, inputs=[x4], outputs=[output]))
+    return 1
+
+
+def reshapes_as_data(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether `node` reshapes the 2-D `tensor` to a constant shape that reads the same from [B, N, 1, 1].
+
+    A 0 copies the input's dim at its index: the same for indices 0 and 1, which is all a valid
+    shape for a 2-D input can copy. -1 infers the same size from the same element count.
+    """
+    if node.op != "Reshape" or not in_default_domain(node) or len(node.inputs) != 2 or node.inputs[0] is not tensor:
+        return False
+    shape = constant_value(node.inputs[1])
+    if shape is None or shape.ndim != 1:
+        return False
+    copies = [i for i, d in enumerate(shape.tolist()) if d == 0] if not node.attrs.get("allowzero", 0) else []
+    return all(i < 2 for i in copies)
 
 
 def carry_in_4d(
@@ -512,7 +663,6 @@ def carry_in_4d(
         node.outputs[0] = new
         next_node = ops[index + 1] if index + 1 < len(ops) else next_linear
         if read_outside_chain(graph, old, next_node):
-            emit_flatten(graph, new, old)
-            flattens += 1
+            flattens += emit_flatten(graph, new, old)
         x2, x4 = old, new
     return x4, flattens

@@ -5,9 +5,11 @@ Matches:
      group 1, auto_pad NOTSET, constant weights (and biases) of one float dtype, and the same
      static output shape. Their kernels may differ (a 1x1 beside a 3x3, as in SqueezeNet's fire
      modules): each kernel is zero-padded into one merged window (see "The merged window").
-  2. Shared activation: when every sibling's only consumer is the same elementwise activation
+  2. Shared activation: when every sibling's only reader is the same elementwise activation
      (same op, attributes and constant extra inputs: Relu after each, Clip with one min/max),
-     a single activation follows the merged Conv. Differing activations stay after the Split.
+     a single activation follows the merged Conv. Siblings that end differently merge only when
+     one of them is narrow (not a multiple of 8 channels), and their activations stay after the
+     Split; aligned ones merge only with siblings that end alike (see `by_activation`).
   3. Concat: when the siblings' outputs (after the shared activation, if any) are read only by
      one Concat on axis 1 made of exactly those tensors, the siblings are merged in the Concat's
      order and the merged Conv (or its activation) writes the Concat's output itself.
@@ -55,10 +57,22 @@ overlaps the padding it adds sum over the padded taps of W_b[o, m, tap] b_a[m]. 
 for every output exactly when B has no pads (a NOTSET Conv without pads never reads padding) or
 b_a = 0, so only those chains are composed.
 
+Rounds (with `vertical`): a rewrite can make a new site. A composed Conv reads the 1x1's input,
+where it can have siblings; two composed 1x1s are a 1x1 that can compose again; siblings merged
+into one Conv leave a 1x1 before them with one reader, and a merged 1x1 that writes a Concat's
+output can compose into the Conv after it. So the pass finds and rewrites sites in rounds, cleaning
+up in between, until a round finds none: one run leaves nothing for the next. Rewrites that
+build on each other (a round reads a node an earlier round made) are one site for the pass
+manager, named by the input nodes they replace in graph order; while it bisects, the rounds are
+replayed keeping only the chosen sites' rewrites. Declines are counted in the last round: what
+is left, and why. Without `vertical` one round is all there is (merging alone never makes a new
+site), so the pass runs a single round.
+
 Declines (each counted by reason): a sibling with runtime or quantized (Q/DQ) weights, group
 != 1, auto_pad other than NOTSET, a dtype other than float32/float16, non-static spatial shapes,
 an output read inside a subgraph; siblings with different strides, dilations, pad lattice or
-output shape; a group whose zero-padded kernels would grow its FLOPs past `max_flop_growth`
+output shape; an aligned sibling whose activation no other sibling shares; a group whose
+zero-padded kernels would grow its FLOPs past `max_flop_growth`
 (then identical-window siblings are still merged), wider than `max_out_channels`, or smaller
 than `min_siblings`. Q/DQ siblings are all declined: each sibling's output quantization would
 sit behind the Split, where TensorRT cannot fuse it into the convolution; merging them needs
@@ -69,10 +83,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import (
@@ -80,6 +95,7 @@ from graphopt.graphs import (
     FLOAT_DTYPES,
     nodes_with_op,
     constant_value,
+    export_like,
     is_graph_output,
     make_constant,
     node_names,
@@ -87,7 +103,7 @@ from graphopt.graphs import (
     unique_name,
     used_in_subgraph,
 )
-from graphopt.passbase import GraphPass, PassStats, Site
+from graphopt.passbase import GraphPass, PassResult, PassStats, Site
 
 # Elementwise ops of one data input: f(concat(a, b)) == concat(f(a), f(b)) along any axis.
 ACTIVATIONS = frozenset({
@@ -101,6 +117,8 @@ FLOPS_GROW = "zero-padded kernels would grow the group's FLOPs past max-flop-gro
 TOO_FEW = "fewer compatible siblings than min-siblings"
 TOO_WIDE = "merged conv would be wider than max-out-channels"
 WINDOW_MISMATCH = "merged window would change the output shape"
+FP16_ALIGNMENT = 8  # channels tensor cores want at FP16 (shared/evidence/h100-conv-probe.md)
+MIXED_ACTIVATIONS = "aligned siblings end in different activations: the Split would part a Conv from its activation"
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,15 @@ class ConvInfo:
         return int(self.weight.shape[0])
 
     @property
+    def live_out_channels(self) -> int:
+        """Output channels that compute something. pad-channels' zero filters (zero weight and bias)
+        do not count, or a group declined for its FLOP growth would pass once padded, and a
+        second run of `all` would merge it."""
+        weight = self.weight.reshape(self.weight.shape[0], -1)
+        live = np.any(weight != 0, axis=1) | (self.bias != 0 if self.bias is not None else False)
+        return int(np.count_nonzero(live)) or self.out_channels
+
+    @property
     def flops(self) -> int:
         """Multiply-accumulates per image (constant factors cancel in every comparison here)."""
         return math.prod(self.weight.shape) * math.prod(self.out_spatial)
@@ -216,8 +243,8 @@ class MergedWindow:
         )
 
     def flop_growth(self, convs: list[ConvInfo]) -> float:
-        merged = sum(c.out_channels for c in convs) * math.prod(self.kernel)
-        return merged / sum(c.out_channels * math.prod(c.geometry.kernel) for c in convs)
+        merged = sum(c.live_out_channels for c in convs) * math.prod(self.kernel)
+        return merged / sum(c.live_out_channels * math.prod(c.geometry.kernel) for c in convs)
 
     def attrs(self) -> dict:
         return {
@@ -245,6 +272,34 @@ class ConvChain:
 
     pointwise: ConvInfo
     follower: ConvInfo
+
+
+@dataclass
+class Rounds:
+    """What rounds of rewrites did: the input nodes behind each new node, and which went together.
+
+    A rewrite that reads a node an earlier rewrite made joins that rewrite's component; each
+    component is one site, named by its input nodes in graph order.
+    """
+
+    order: dict[str, int]  # input node name -> position in the input graph
+    origins: dict[str, frozenset[str]] = field(default_factory=dict)  # new node -> input nodes it replaces
+    components: list[set[str]] = field(default_factory=list)
+
+    def record(self, site: Site, new_nodes: list[gs.Node]) -> None:
+        covered = frozenset().union(*(self.origins.get(node.name, {node.name}) for node in site_nodes(site.payload)))
+        for node in new_nodes:
+            self.origins[node.name] = covered
+        joined = set(covered)
+        for component in [c for c in self.components if c & covered]:
+            joined |= component
+            self.components.remove(component)
+        self.components.append(joined)
+
+    def keys(self) -> dict[str, set[str]]:
+        """Each component by its key, in graph order."""
+        ordered = [sorted(c, key=self.order.__getitem__) for c in self.components]
+        return {",".join(names): set(names) for names in sorted(ordered, key=lambda names: self.order[names[0]])}
 
 
 class MergeConvs(GraphPass[MergeConvsOptions]):
@@ -280,6 +335,48 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
         else:
             compose_chain(graph, site.payload, stats)
 
+    # -- vertical: rounds until nothing is left ----------------------------------------------------
+
+    def apply(self, model: onnx.ModelProto, only: Collection[str] | None = None) -> PassResult:
+        """With `vertical`, rewrite in rounds until a round finds no site (see "Rounds" above)."""
+        if not self.options.vertical:
+            return super().apply(model, only)
+        allowed = None
+        if only is not None:
+            planned = self._rewrite_in_rounds(gs.import_onnx(model), PassStats()).keys()
+            allowed = frozenset().union(*(planned[key] for key in only if key in planned))
+        graph = gs.import_onnx(model)
+        stats = PassStats()
+        rounds = self._rewrite_in_rounds(graph, stats, allowed)
+        components = rounds.keys() if only is None else planned
+        rewritten = set().union(*rounds.components)
+        applied = [key for key, names in components.items() if names & rewritten]
+        stats.rewritten = len(applied)
+        if not applied:
+            return PassResult(model, list(components), [], stats)
+        return PassResult(export_like(graph, model), list(components), applied, stats)
+
+    def _rewrite_in_rounds(self, graph: gs.Graph, stats: PassStats, allowed: frozenset[str] | None = None) -> Rounds:
+        """Find and rewrite sites, clean up, and again, until none is found (or none is allowed).
+
+        Declines are counted in the last round: what is left, and why. `allowed` keeps only the
+        rewrites of those input nodes (some components, while the manager bisects).
+        """
+        rounds = Rounds({node.name: index for index, node in enumerate(graph.nodes)})
+        while True:
+            round_stats = PassStats()
+            sites = self.find_sites(graph, round_stats)
+            if allowed is not None:
+                sites = [s for s in sites if all(rounds.origins.get(n.name, {n.name}) <= allowed for n in site_nodes(s.payload))]
+            if not sites:
+                stats.skipped.update(round_stats.skipped)
+                return rounds
+            for site in sites:
+                before = len(graph.nodes)
+                self.rewrite_site(graph, site, stats)
+                rounds.record(site, graph.nodes[before:])
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
     # -- horizontal: grouping ----------------------------------------------------------------------
 
     def _groups(self, graph: gs.Graph, candidates: list[ConvInfo], stats: PassStats) -> Iterator[SiblingGroup]:
@@ -290,15 +387,19 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
             if len(members) == 1:
                 stats.skip(NO_GEOMETRY_MATCH)
                 continue
-            groups = [members]
-            if MergedWindow.covering(members).flop_growth(members) > self.options.max_flop_growth:
-                stats.skip(FLOPS_GROW)
-                groups = [g for g in same_window(members) if len(g) > 1]
-            for convs in groups:
-                if (reason := self._reason_to_skip_group(convs)) is not None:
-                    stats.skip(reason)
+            for same_end in by_activation(graph, members):
+                if len(same_end) == 1:
+                    stats.skip(MIXED_ACTIVATIONS)
                     continue
-                yield plan_group(graph, convs)
+                groups = [same_end]
+                if MergedWindow.covering(same_end).flop_growth(same_end) > self.options.max_flop_growth:
+                    stats.skip(FLOPS_GROW)
+                    groups = [g for g in same_window(same_end) if len(g) > 1]
+                for convs in groups:
+                    if (reason := self._reason_to_skip_group(convs)) is not None:
+                        stats.skip(reason)
+                        continue
+                    yield plan_group(graph, convs)
 
     def _reason_to_skip_group(self, convs: list[ConvInfo]) -> str | None:
         if len(convs) < self.options.min_siblings:
@@ -418,6 +519,13 @@ def output_not_rewritable(graph: gs.Graph, conv: gs.Node) -> str | None:
     return None
 
 
+def site_nodes(payload: SiblingGroup | ConvChain) -> list[gs.Node]:
+    """Every node a site's rewrite replaces."""
+    if isinstance(payload, ConvChain):
+        return [payload.pointwise.node, payload.follower.node]
+    return [c.node for c in payload.convs] + (payload.activations or []) + ([payload.concat] if payload.concat else [])
+
+
 def has_bias(conv: gs.Node) -> bool:
     return len(conv.inputs) > 2 and bool(conv.inputs[2].name)
 
@@ -465,27 +573,66 @@ def plan_group(graph: gs.Graph, convs: list[ConvInfo]) -> SiblingGroup:
     return SiblingGroup(convs, MergedWindow.covering(convs), activations, concat)
 
 
+def by_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[list[ConvInfo]]:
+    """The siblings that may merge: all of them, or, when they end differently, each class alike.
+
+    TensorRT fuses a Conv with the activation after it (Layer Fusion Catalog); merged with a
+    sibling that has another activation or none, a Conv reaches its activation through the
+    Split, unfused. When every sibling is already aligned that is all the merge changes (TensorRT
+    merges same-kernel siblings itself), as with ResNet-50's first downsample and conv1 (merged,
+    ONNX Runtime lost 7% and cuDNN gained 1%, docs/benchmarks.md), so only siblings that end
+    alike merge. A narrow sibling is different: a detection head's 4-channel box conv beside its
+    80-class conv is aligned only as part of the merged 85 + 3 zero filters (pad-channels), the
+    measured gain (shared/evidence/h100-conv-probe.md), and its activations stay after the Split.
+    """
+    classes = same_activation(graph, convs)
+    if len(classes) > 1 and any(conv.live_out_channels % FP16_ALIGNMENT for conv in convs):
+        return [convs]
+    return classes
+
+
+def same_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[list[ConvInfo]]:
+    """The siblings in classes that end alike: the same activation alone reads each, or none does."""
+    classes: list[list[ConvInfo]] = []
+    for conv in convs:
+        act = activation_of(graph, conv)
+        for members in classes:
+            other = activation_of(graph, members[0])
+            if (act is None and other is None) or (act is not None and other is not None and same_op(act, other)):
+                members.append(conv)
+                break
+        else:
+            classes.append([conv])
+    return classes
+
+
 def shared_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[gs.Node] | None:
     """Each sibling's activation, when every sibling feeds only the same one (op, attrs, extras)."""
-    activations = []
-    for conv in convs:
-        out = conv.output
-        act = sole_consumer(out)
-        if (
-            act is None
-            or is_graph_output(graph, out)
-            or used_in_subgraph(graph, out)
-            or act.op not in ACTIVATIONS
-            or act.domain not in DEFAULT_DOMAINS
-            or act.inputs[0] is not out
-            or len(act.outputs) != 1
-        ):
-            return None
-        activations.append(act)
-    first = activations[0]
-    if all(a.op == first.op and a.attrs == first.attrs and same_constant_extras(a, first) for a in activations):
-        return activations
-    return None
+    activations = [activation_of(graph, conv) for conv in convs]
+    if any(a is None for a in activations) or not all(same_op(a, activations[0]) for a in activations):
+        return None
+    return activations
+
+
+def activation_of(graph: gs.Graph, conv: ConvInfo) -> gs.Node | None:
+    """The elementwise activation that alone reads the conv's output, if one does."""
+    out = conv.output
+    act = sole_consumer(out)
+    if (
+        act is None
+        or is_graph_output(graph, out)
+        or used_in_subgraph(graph, out)
+        or act.op not in ACTIVATIONS
+        or act.domain not in DEFAULT_DOMAINS
+        or act.inputs[0] is not out
+        or len(act.outputs) != 1
+    ):
+        return None
+    return act
+
+
+def same_op(a: gs.Node, b: gs.Node) -> bool:
+    return a.op == b.op and a.attrs == b.attrs and same_constant_extras(a, b)
 
 
 def same_constant_extras(a: gs.Node, b: gs.Node) -> bool:
@@ -550,12 +697,14 @@ def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> No
 
     tails = [a.outputs[0] for a in activations] if activations else [c.output for c in convs]
     final = concat.outputs[0] if concat is not None else None
+    # Shaped, so that a later round (vertical) can tell the merged Conv's geometry.
+    shape = [convs[0].output.shape[0], int(weight.shape[0]), *convs[0].out_spatial]
     # Cut the old producers first: their output tensors are written by the new nodes below.
     for old in [c.node for c in convs] + (activations or []) + ([concat] if concat is not None else []):
         old.outputs.clear()
 
     def tensor(suffix: str) -> gs.Variable:
-        return gs.Variable(unique_name(graph, f"{stem}_{suffix}"), dtype=dtype)
+        return gs.Variable(unique_name(graph, f"{stem}_{suffix}"), dtype=dtype, shape=shape)
 
     merged = final if final is not None and not activations else tensor("output")
     new_nodes = [gs.Node("Conv", unique_name(graph, stem), window.attrs(), inputs=inputs, outputs=[merged])]

@@ -14,6 +14,16 @@ reduce only spatial axes:
 With keepdims=0 a Squeeze of the reduced axes follows, so the batch may stay dynamic. The last
 node writes the Reduce's own output tensor, so a graph output keeps its name, dtype and shape.
 
+Shared nodes: a node this pass would add that computes exactly what a node already in the graph
+computes (same op, attributes and inputs, constants compared by value; that node's output not a
+graph output) is not added: the existing node's output is read instead, and when it is the last
+node, the Reduce's readers read it. Two ReduceMeans on one map become one pool, and a
+ReduceMean(keepdims=1) beside a GlobalAveragePool of the same map reads that pool. onnxsim's
+common-subexpression elimination would merge such nodes the next time `simplify` runs (it leaves
+the Reduce nodes alone only because they are different ops, or write graph outputs), and
+merge-convs, later in `all`, would then find new siblings; shared now, `all` leaves nothing for a
+second run. A Reduce whose output is a graph output still gets its own last node.
+
 Why, and what TensorRT actually does with it. TensorRT's ONNX parser imports GlobalAveragePool
 and GlobalMaxPool as an IReduceLayer over every axis but N and C with keepDimensions=true, and
 ReduceMean/ReduceMax as an IReduceLayer too; AveragePool and MaxPool become an IPoolingLayer
@@ -22,7 +32,9 @@ https://github.com/onnx/onnx-tensorrt/blob/main/onnxOpImporters.cpp). So:
   - case 1 gives TensorRT the same reduce layer it built from the ReduceMean. Its value is a
     canonical form: one op for global pooling, which graphopt's passes and other ONNX consumers
     match, and which ONNX Runtime runs with a dedicated kernel. With keepdims=0 it costs one
-    Squeeze (a shuffle layer in TensorRT) that the ReduceMean did not need.
+    Squeeze (a shuffle layer in TensorRT) that the ReduceMean did not need, unless a linear
+    reads it: fc-to-conv, which runs right after this pass in `all`, then reads the pooled
+    [N, C, 1, 1] map itself and the Squeeze goes.
   - case 2 turns a reduce layer into a pooling layer. The builder's fusion rules are matched per
     layer type (Layer Fusion Catalog:
     https://docs.nvidia.com/deeplearning/tensorrt/latest/performance/fusion-catalog.html); this
@@ -55,7 +67,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import constant_value, make_constant, nodes_with_op, opset_version, unique_name, used_in_subgraph
+from graphopt.graphs import (
+    DEFAULT_DOMAINS,
+    constant_value,
+    is_graph_output,
+    make_constant,
+    nodes_with_op,
+    opset_version,
+    replace_input,
+    unique_name,
+    used_in_subgraph,
+)
 from graphopt.passbase import GraphPass, PassStats, Site
 
 POOLS = {"ReduceMean": ("GlobalAveragePool", "AveragePool"), "ReduceSum": ("GlobalAveragePool", "AveragePool"),
@@ -88,7 +110,7 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
     name = "reduce-to-pool"
     summary = "Spatial ReduceMean/ReduceMax (opt. ReduceSum) -> GlobalAveragePool/GlobalMaxPool or pooling."
     Options = ReduceToPoolOptions
-    order = 40
+    order = 30
 
     def find_sites(self, graph: gs.Graph, stats: PassStats) -> list[Site]:
         ops = ["ReduceMean", "ReduceMax"] + (["ReduceSum"] if self.options.sum_as_pool else [])
@@ -148,6 +170,12 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
         reduce.outputs.clear()
 
         def step(op: str, inputs: list[gs.Tensor], last: bool, **attrs) -> gs.Tensor:
+            shared = same_computation(graph, op, inputs, attrs)
+            if shared is not None and not (last and is_graph_output(graph, out)):
+                for reader in list(out.outputs) if last else []:
+                    replace_input(reader, out, shared)
+                stats.counters["nodes_shared"] += 1
+                return shared
             result = out if last else gs.Variable(unique_name(graph, f"{reduce.name}_{op.lower()}"), dtype=out.dtype)
             graph.nodes.append(gs.Node(op, unique_name(graph, f"{reduce.name}_{op.lower()}"), attrs, inputs, [result]))
             return result
@@ -166,6 +194,28 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
         stats.counters[f"{reduce.op}_to_{plan.pool_op}"] += 1
         stats.details.append({"node": reduce.name, "pool": plan.pool_op, "kernel": plan.kernel,
                               "keepdims": plan.squeeze_axes is None})
+
+
+def same_computation(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: dict) -> gs.Tensor | None:
+    """The output of a node that already computes `op` on these inputs (see "Shared nodes")."""
+    for reader in inputs[0].outputs:
+        if (
+            reader.op == op
+            and reader.domain in DEFAULT_DOMAINS
+            and dict(reader.attrs) == attrs
+            and len(reader.inputs) == len(inputs)
+            and all(a is b or same_constant(a, b) for a, b in zip(reader.inputs, inputs))
+            and len(reader.outputs) == 1
+            and not is_graph_output(graph, reader.outputs[0])
+            and not used_in_subgraph(graph, reader.outputs[0])
+        ):
+            return reader.outputs[0]
+    return None
+
+
+def same_constant(a: gs.Tensor, b: gs.Tensor) -> bool:
+    va, vb = constant_value(a), constant_value(b)
+    return va is not None and vb is not None and va.dtype == vb.dtype and va.shape == vb.shape and np.array_equal(va, vb)
 
 
 def unpoolable_dtype(node: gs.Node) -> str | None:

@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 from graphopt import Pipeline
 from graphopt.modelio import infer_shapes
 from graphopt.passes.fc_to_conv import FcToConv
+from graphopt.passes.reduce_to_pool import ReduceToPool
 from graphopt.passes.simplify import Simplify
 from graphopt.testing import assert_equivalent
 from tests.fixtures.cases import load_case
@@ -142,6 +143,42 @@ def test_runs_reshape_that_flattens_a_feature_map_as_a_full_kernel_conv(name):
     assert conv.input[0] == "x" and attr(conv, "kernel_shape") == [3, 3]
 
 
+@pytest.mark.parametrize("name", ["squeeze_pooled_map_axes_attribute", "squeeze_pooled_map_axes_input"])
+def test_runs_a_squeezed_pooled_map_through_a_1x1_conv_over_the_map_itself(name):
+    _, out, record = rewrite(name)
+    assert op_counts(out) == {"GlobalAveragePool": 1, "Conv": 1, "Flatten": 1}
+    [pool], [conv] = nodes(out, "GlobalAveragePool"), nodes(out, "Conv")
+    assert conv.input[0] == pool.output[0] and attr(conv, "kernel_shape") == [1, 1]
+    assert record.counters["flattens_folded_into_kernel"] == 1
+
+
+def test_views_a_squeeze_of_symbolic_spatial_dims_through_a_reshape():
+    model = case("squeeze_symbolic_spatial")
+    out, record = assert_rewrites_equivalently(model, FcToConv(), input_shapes={"x": (3, 4, 1, 1)})
+    assert op_counts(out) == {"Squeeze": 1, "Reshape": 1, "Conv": 1, "Flatten": 1}
+    assert "flattens_folded_into_kernel" not in record.counters
+
+
+def test_views_a_squeeze_of_other_axes_through_a_reshape():
+    _, out, record = rewrite("squeeze_other_axes")
+    assert op_counts(out) == {"Squeeze": 1, "Reshape": 1, "Conv": 1, "Flatten": 1}
+    assert "flattens_folded_into_kernel" not in record.counters
+
+
+def test_leaves_nothing_between_reduce_to_pool_and_the_conv_of_a_reduce_mean_head():
+    model = load_case("fuzz_regressions/reduce_mean_matmul")  # ReduceMean(keepdims=0) -> MatMul
+    out, report = Pipeline([ReduceToPool(), FcToConv()], input_shapes=shapes_with_batch(model)).run(model)
+    assert report.equivalent and [p.status for p in report.passes] == ["changed", "changed"]
+    assert op_counts(out) == {"GlobalAveragePool": 1, "Conv": 1, "Flatten": 1}
+
+
+def test_folds_the_flatten_after_a_pooled_reduce_mean_with_keepdims_into_the_kernel():
+    model = case("reduce_mean_keepdims_flatten_gemm")
+    out, report = Pipeline([ReduceToPool(), FcToConv()], input_shapes=shapes_with_batch(model)).run(model)
+    assert report.equivalent and report.passes[1].counters["flattens_folded_into_kernel"] == 1
+    assert op_counts(out) == {"GlobalAveragePool": 1, "Conv": 1, "Flatten": 1}
+
+
 # -- chains --------------------------------------------------------------------------------------------
 
 
@@ -171,6 +208,71 @@ def test_rewrites_each_site_of_a_fork_on_its_own():
         assert result.applied == [site]
         onnx.checker.check_model(result.model)
         assert_equivalent(model, result.model, input_shapes=shapes_with_batch(model))
+
+
+def test_lets_a_reshape_after_the_chain_read_the_4d_output_without_a_flatten():
+    _, out, record = rewrite("flatten_gemm_reshape_head")
+    assert op_counts(out) == {"Conv": 1, "Reshape": 1}
+    [conv], [reshape] = nodes(out, "Conv"), nodes(out, "Reshape")
+    assert reshape.input[0] == conv.output[0] and reshape.output[0] == "y"
+    assert record.details[0]["flattens"] == 0
+
+
+def test_keeps_the_flatten_when_the_reshaped_tensor_is_a_graph_output_too():
+    model, out, _ = rewrite("flatten_gemm_reshape_and_output")
+    assert op_counts(out) == {"Conv": 1, "Flatten": 1, "Reshape": 1}
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+# -- BatchNormalization after a linear ----------------------------------------------------------------------
+
+
+def folded_batchnorm(model: onnx.ModelProto, linear_weight: np.ndarray, linear_bias: np.ndarray, bn: str) -> tuple[np.ndarray, np.ndarray]:
+    """The [N, K] weight and [N] bias of a linear with the BatchNormalization `bn` after it, in float64."""
+    [node] = [n for n in model.graph.node if n.name == bn]
+    scale, beta, mean, var = (initializer(model, name).astype(np.float64) for name in node.input[1:])
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    s = scale / np.sqrt(var + epsilon)
+    return linear_weight.astype(np.float64) * s[:, None], (linear_bias.astype(np.float64) - mean) * s + beta
+
+
+def test_folds_a_batchnorm_between_two_linears_into_the_first():
+    model, out, record = rewrite("chain_batchnorm_relu")
+    assert op_counts(out) == {"Conv": 2, "Relu": 1, "Flatten": 1}
+    assert record.counters["batchnorms_folded"] == 1 and record.counters["ops_carried_in_4d"] == 1
+    first = nodes(out, "Conv")[0]
+    weight, bias = folded_batchnorm(model, initializer(model, "h_w"), initializer(model, "h_b"), "batchnormalization_n")
+    np.testing.assert_allclose(initializer(out, first.input[1]), weight.reshape(16, 8, 2, 2).astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(initializer(out, first.input[2]), bias.astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_folds_a_batchnorm_after_a_bias_add_and_keeps_its_output_name():
+    model, out, record = rewrite("matmul_add_batchnorm")
+    assert op_counts(out) == {"Reshape": 1, "Conv": 1, "Flatten": 1}
+    assert record.counters["batchnorms_folded"] == 1
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+def test_folds_a_float16_batchnorm_into_float16_weights():
+    model, out, _ = rewrite("gemm_batchnorm_fp16")
+    [conv] = nodes(out, "Conv")
+    assert initializer(out, conv.input[1]).dtype == initializer(out, conv.input[2]).dtype == np.float16
+    assert io_signature(out.graph.output) == io_signature(model.graph.output)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("batchnorm_runtime_mean", "scale, bias, mean or variance is not a constant"),
+        ("batchnorm_beside_relu", "the linear's output has other readers"),
+        ("batchnorm_after_graph_output", "the linear's output is a graph output"),
+    ],
+)
+def test_keeps_a_batchnorm_it_cannot_fold_and_still_converts_the_linear(name, reason):
+    _, out, record = rewrite(name)
+    assert op_counts(out)["BatchNormalization"] == 1 and op_counts(out)["Conv"] == 1
+    assert record.skipped == {f"BatchNormalization not folded: {reason}": 1}
+    assert "batchnorms_folded" not in record.counters
 
 
 # -- token-wise linears ----------------------------------------------------------------------------------

@@ -92,16 +92,15 @@ def test_all_converges_when_onnxsim_reorders_constant_nodes():
 # -- merge-convs(vertical=true) ------------------------------------------------------------------
 
 
-def test_vertical_merge_composes_in_one_run_and_merges_the_new_siblings_in_the_next():
+def test_vertical_merge_composes_and_merges_the_new_siblings_in_one_run():
     model = load_case("fuzz_regressions/pointwise_chain_beside_sibling")
     out, report = Pipeline([MergeConvs(vertical=True)], fixed_point=True).run(model)
-    assert [p.sites_applied for p in report.passes] == [["conv_a,conv_b"], ["conv_c,conv_b_composed"], []]
+    assert [p.sites_applied for p in report.passes] == [["conv_a,conv_b,conv_c"], []]
+    assert report.passes[0].counters["chains_composed"] == 1 and report.passes[0].counters["convs_merged"] == 2
     assert op_counts(out) == {"Conv": 1, "Split": 1}
     assert report.equivalent
 
 
-@pytest.mark.xfail(strict=True, reason="merge-convs finds siblings before it composes chains, so the composed "
-                                       "Conv's new siblings wait for the next run (NEEDS_SEVERAL_RUNS in test_fuzz.py)")
 def test_vertical_merge_leaves_nothing_for_a_second_run():
     out, _, _ = run_pass(load_case("fuzz_regressions/pointwise_chain_beside_sibling"), MergeConvs(vertical=True))
     assert changed_on_second_run(out, "merge-convs(vertical=true)") == {}
@@ -125,25 +124,24 @@ def test_all_merges_sibling_linears_in_one_run():
 
 
 @pytest.mark.parametrize("name", ["gemm_batchnorm_gemm", "reduce_mean_matmul"])
-def test_all_reaches_a_fixed_point_on_the_second_iteration(name: str):
+def test_all_reaches_its_fixed_point_in_one_iteration(name: str):
     model = load_case(f"fuzz_regressions/{name}")
     out, report = optimize(model, "all", fixed_point=True)
-    assert report.iterations == 3 and report.equivalent
-    assert not [p for p in report.passes if p.iteration == 3 and p.changed]
+    assert report.iterations == 2 and report.equivalent
+    assert not [p for p in report.passes if p.iteration == 2 and p.changed]
     assert_equivalent(model, out)
 
 
-@pytest.mark.xfail(strict=True, reason="simplify runs first in `all`: onnxsim fuses the BatchNormalization into "
-                                       "the Conv fc-to-conv made only when `all` runs again")
-def test_second_run_of_all_leaves_a_carried_batchnorm_alone():
-    out, _ = optimize(load_case("fuzz_regressions/gemm_batchnorm_gemm"), "all")
+def test_second_run_of_all_leaves_a_folded_batchnorm_alone():
+    out, report = optimize(load_case("fuzz_regressions/gemm_batchnorm_gemm"), "all")
+    [fc_to_conv] = [p for p in report.passes if p.name == "fc-to-conv"]
+    assert fc_to_conv.counters["batchnorms_folded"] == 1 and "BatchNormalization" not in op_counts(out)
     assert changed_on_second_run(out) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="reduce-to-pool's Squeeze meets fc-to-conv's Reshape back to 4-D; onnxsim "
-                                       "drops the pair only when `all` runs again")
 def test_second_run_of_all_leaves_a_reduce_mean_head_alone():
     out, _ = optimize(load_case("fuzz_regressions/reduce_mean_matmul"), "all")
+    assert "Squeeze" not in op_counts(out) and "Reshape" not in op_counts(out)
     assert changed_on_second_run(out) == {}
 
 

@@ -5,12 +5,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from graphopt.modelio import infer_shapes
 from graphopt.spec import parse_options
-from passes.merge_convs import FLOPS_GROW, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
+from graphopt.testing import assert_equivalent
+from passes.merge_convs import FLOPS_GROW, MIXED_ACTIVATIONS, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
 from passes.simplify import Simplify
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
-from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts, run_pass
 
 
 def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
@@ -98,8 +100,15 @@ def test_shares_a_clip_whose_bounds_are_equal_constants():
     assert [constant(out, name).item() for name in clip.input[1:]] == [0.0, 6.0]
 
 
-def test_keeps_different_activations_after_the_split():
-    out, record = assert_rewrites_equivalently(load_case("merge_convs/different_activations"), MergeConvs())
+def test_leaves_aligned_siblings_with_different_activations_alone():
+    # Merged, each Conv would reach its activation through the Split: TensorRT could fuse neither.
+    _, record, _ = run_pass(load_case("merge_convs/different_activations"), MergeConvs())
+    assert record.status == "unchanged"
+    assert record.skipped == {MIXED_ACTIVATIONS: 2}
+
+
+def test_merges_narrow_siblings_with_different_activations_and_keeps_them_after_the_split():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/different_activations_narrow"), MergeConvs())
     assert op_counts(out) == {"Conv": 1, "Split": 1, "Relu": 1, "Sigmoid": 1}
     assert producer(out, only(out, "Relu").input[0]).op_type == "Split"
     assert producer(out, only(out, "Sigmoid").input[0]).op_type == "Split"
@@ -259,6 +268,32 @@ def test_does_not_compose_when_that_grows_the_flops():
     )
 
 
+def test_composes_a_chain_of_three_in_one_run():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/pointwise_chain_of_three"), MergeConvs(vertical=True))
+    assert op_counts(out) == {"Conv": 1} and constant(out, only(out, "Conv").input[1]).shape == (8, 8, 3, 3)
+    assert record.sites_applied == ["conv_a,conv_b,conv_y"] and record.counters["chains_composed"] == 2
+    assert assert_unchanged(out, MergeConvs(vertical=True)).sites_found == 0
+
+
+def test_composes_a_1x1_into_the_conv_its_merged_readers_become():
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/pointwise_before_siblings"), MergeConvs(vertical=True))
+    assert op_counts(out) == {"Conv": 1, "Split": 1} and only(out, "Conv").input[0] == "x"
+    assert record.sites_applied == ["conv_p,conv_ya,conv_yb"]
+    assert record.counters["convs_merged"] == 2 and record.counters["chains_composed"] == 1
+
+
+def test_rewrites_each_component_of_its_rounds_on_its_own():
+    model = infer_shapes(load_case("merge_convs/two_vertical_components"))  # as the pass manager does
+    sites = MergeConvs(vertical=True).apply(model).sites
+    assert sites == ["conv_a,conv_yb,conv_yc", "conv_d,conv_ye"]
+    expected = {sites[0]: {"Conv": 3, "Split": 1}, sites[1]: {"Conv": 4}}
+    for site in sites:
+        result = MergeConvs(vertical=True).apply(model, only=[site])
+        assert result.applied == [site] and op_counts(result.model) == expected[site]
+        onnx.checker.check_model(result.model)
+        assert_equivalent(model, result.model)
+
+
 # -- real architectures --------------------------------------------------------------------------
 
 
@@ -289,3 +324,10 @@ def test_merges_the_cls_box_obj_convs_of_a_detection_head():
     out, record = assert_rewrites_equivalently(simplified_zoo_model("det_head"), MergeConvs())
     assert record.sites_applied == ["/cls/Conv,/box/Conv,/obj/Conv"]
     assert constant(out, only(out, "Split").input[1]).tolist() == [80, 4, 1]
+
+
+def test_zero_filters_do_not_count_towards_flop_growth():
+    # pad-channels' zero filters must not turn a declined group into a merge on a second run of `all`.
+    assert_unchanged(load_case("merge_convs/pointwise_beside_padded_3x3"), MergeConvs(), reason=FLOPS_GROW)
+    _, record = assert_rewrites_equivalently(load_case("merge_convs/pointwise_beside_full_3x3"), MergeConvs())
+    assert record.sites_applied == ["conv_y1,conv_y3"]

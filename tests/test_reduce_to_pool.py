@@ -119,6 +119,27 @@ def test_with_sum_as_pool_still_keeps_float16_sums():
                      reason="ReduceSum as pooling is float32 only")
 
 
+def test_two_equal_reductions_share_one_pool():
+    out, record = assert_rewrites_equivalently(case("two_means_without_keepdims"), ReduceToPool())
+    assert dict(op_counts(out)) == {"GlobalAveragePool": 1, "Squeeze": 2}
+    pool = only_node(out, "GlobalAveragePool")
+    assert [n.input[0] for n in out.graph.node if n.op_type == "Squeeze"] == [pool.output[0]] * 2
+    assert record.counters["nodes_shared"] == 1
+
+
+def test_a_reduction_beside_an_equal_global_pool_reads_that_pool():
+    out, record = assert_rewrites_equivalently(case("mean_beside_global_pool"), ReduceToPool())
+    assert dict(op_counts(out)) == {"GlobalAveragePool": 1, "Relu": 1, "Sigmoid": 1}
+    assert only_node(out, "Relu").input[0] == "p" and record.counters["nodes_shared"] == 1
+
+
+def test_a_reduction_that_writes_a_graph_output_keeps_its_own_pool():
+    model = case("mean_as_graph_output_beside_global_pool")
+    out, record = assert_rewrites_equivalently(model, ReduceToPool())
+    assert dict(op_counts(out)) == {"GlobalAveragePool": 2, "Sigmoid": 1}
+    assert out.graph.output == model.graph.output and "nodes_shared" not in record.counters
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["se_block", "se_block_opset18"])
 def test_squeeze_excite_block_squeezes_with_global_average_pool(name):
