@@ -258,9 +258,18 @@ def _ort_session(graph: onnx.ModelProto, weights: Mapping[str, ort.OrtValue]) ->
     # Ours to verify, not ORT's to optimize: its fusions would change what is being compared.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    # ORT starts a thread per core; many graphopt processes side by side (CI jobs, the parallel
+    # fuzz run in scripts/fuzz_long.py) would each start that many and spin against each other.
+    options.intra_op_num_threads = _ort_threads()
     if weights:
         options.add_external_initializers(list(weights), list(weights.values()))
     return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_threads() -> int:
+    """GRAPHOPT_ORT_THREADS, or 0: ONNX Runtime's default (one thread per core)."""
+    value = os.environ.get("GRAPHOPT_ORT_THREADS", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def run_onnxruntime(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> Outputs:
