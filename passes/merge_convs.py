@@ -192,6 +192,18 @@ class ConvInfo:
         return int(np.count_nonzero(live)) or self.out_channels
 
     @property
+    def live_in_channels(self) -> int:
+        """Input channels some filter reads with a non-zero weight (pad-channels adds zero ones)."""
+        reads = np.any(self.weight != 0, axis=tuple(a for a in range(self.weight.ndim) if a != 1))
+        return int(np.count_nonzero(reads)) or int(self.weight.shape[1])
+
+    @property
+    def live_flops(self) -> int:
+        """`flops` without pad-channels' zero filters and zero input weights."""
+        kernel = math.prod(self.weight.shape[2:])
+        return self.live_out_channels * self.live_in_channels * kernel * math.prod(self.out_spatial)
+
+    @property
     def flops(self) -> int:
         """Multiply-accumulates per image (constant factors cancel in every comparison here)."""
         return math.prod(self.weight.shape) * math.prod(self.out_spatial)
@@ -676,8 +688,10 @@ def reason_not_composable(graph: gs.Graph, chain: ConvChain) -> str | None:
         return "output of the 1x1 conv is a graph output"
     if any(second.geometry.begin + second.geometry.end) and first.bias is not None and np.any(first.bias != 0):
         return "second conv pads its input and the 1x1 conv has a non-zero bias (borders would differ)"
-    composed = second.out_channels * first.weight.shape[1] * math.prod(second.geometry.kernel) * math.prod(second.out_spatial)
-    if composed > first.flops + second.flops:
+    # Live channels only: counted with pad-channels' zero filters, a chain declined here would
+    # pass once padded, and a second run of `all` would compose it.
+    composed = second.live_out_channels * first.live_in_channels * math.prod(second.geometry.kernel) * math.prod(second.out_spatial)
+    if composed > first.live_flops + second.live_flops:
         return "composing would grow the FLOPs"
     return None
 

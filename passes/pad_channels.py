@@ -417,9 +417,14 @@ class SitePlanner:
                 return reason
             self.site.tensors.append(tensor)
             self.site.padded_uses.setdefault(tensor.name, [])
+            # Elementwise readers of a graph output read the Slice that writes it, as they read the
+            # output before: carried on, an op pinned by the output (a Mul by 1, the same Relu
+            # twice) would come loose, and `simplify` would remove it when `all` runs again.
+            pinned = is_graph_output(self.graph, tensor)
             for node in _unique(tensor.outputs):
                 for index in [i for i, t in enumerate(node.inputs) if t is tensor]:
-                    self.accept(node, index, self.classify(node, index))
+                    decision = self.classify(node, index)
+                    self.accept(node, index, SLICE if pinned and decision.role is Role.CARRY else decision)
         return None
 
     def accept(self, node: gs.Node, index: int, decision: Decision) -> None:

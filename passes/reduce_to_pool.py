@@ -15,14 +15,15 @@ With keepdims=0 a Squeeze of the reduced axes follows, so the batch may stay dyn
 node writes the Reduce's own output tensor, so a graph output keeps its name, dtype and shape.
 
 Shared nodes: a node this pass would add that computes exactly what a node already in the graph
-computes (same op, attributes and inputs, constants compared by value; that node's output not a
-graph output) is not added: the existing node's output is read instead, and when it is the last
+computes (same op, attributes and inputs, constants compared by value; its output may be a graph
+output) is not added: the existing node's output is read instead, and when it is the last
 node, the Reduce's readers read it. Two ReduceMeans on one map become one pool, and a
 ReduceMean(keepdims=1) beside a GlobalAveragePool of the same map reads that pool. onnxsim's
 common-subexpression elimination would merge such nodes the next time `simplify` runs (it leaves
 the Reduce nodes alone only because they are different ops, or write graph outputs), and
 merge-convs, later in `all`, would then find new siblings; shared now, `all` leaves nothing for a
-second run. A Reduce whose output is a graph output still gets its own last node.
+second run. A Reduce whose output is a graph output still gets its own last node, and those
+pools are rewritten first, so the others can share them.
 
 Why, and what TensorRT actually does with it. TensorRT's ONNX parser imports GlobalAveragePool
 and GlobalMaxPool as an IReduceLayer over every axis but N and C with keepDimensions=true, and
@@ -121,6 +122,9 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
                 stats.skip(plan)
             else:
                 sites.append(Site(node.name, plan))
+        # Pools that write a graph output themselves first: such a pool must be its own node, and
+        # the others can then share it (a keepdims=0 mean beside a keepdims=1 output mean).
+        sites.sort(key=lambda site: site.payload.squeeze_axes is not None or not is_graph_output(graph, site.payload.node.outputs[0]))
         return sites
 
     def plan(self, graph: gs.Graph, node: gs.Node) -> PoolPlan | str:
@@ -206,7 +210,6 @@ def same_computation(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: d
             and len(reader.inputs) == len(inputs)
             and all(a is b or same_constant(a, b) for a, b in zip(reader.inputs, inputs))
             and len(reader.outputs) == 1
-            and not is_graph_output(graph, reader.outputs[0])
             and not used_in_subgraph(graph, reader.outputs[0])
         ):
             return reader.outputs[0]

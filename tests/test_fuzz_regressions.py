@@ -139,6 +139,14 @@ def test_second_run_of_all_leaves_a_folded_batchnorm_alone():
     assert changed_on_second_run(out) == {}
 
 
+def test_second_run_of_all_leaves_a_scaled_flattened_map_alone():
+    model = load_case("fuzz_regressions/scalar_mul_before_flatten_matmul")
+    out, report = optimize(model, "all")
+    [fc_to_conv] = [p for p in report.passes if p.name == "fc-to-conv"]
+    assert report.equivalent and fc_to_conv.counters["muls_folded"] == 1 and "Mul" not in op_counts(out)
+    assert changed_on_second_run(out) == {}
+
+
 def test_second_run_of_all_leaves_a_reduce_mean_head_alone():
     out, _ = optimize(load_case("fuzz_regressions/reduce_mean_matmul"), "all")
     assert "Squeeze" not in op_counts(out) and "Reshape" not in op_counts(out)
@@ -186,3 +194,35 @@ def test_pad_channels_leaves_nothing_for_a_second_run_when_an_earlier_site_padde
     assert record.sites_applied == ["conv:conv_1"] and record.skipped["FLOP overhead above max_overhead"] == 1
     _, again, _ = run_pass(out, PadChannels(align=16, max_overhead=100))
     assert again.status == "unchanged" and again.skipped["FLOP overhead above max_overhead"] == 1
+
+
+# -- found by the long profile (scripts/fuzz_long.py) ---------------------------------------------------
+
+
+ALL_OPT_IN = ("simplify,remove-identity-scale,reduce-to-pool(sum-as-pool=true),fc-to-conv(token-linears=true),"
+              "merge-convs(vertical=true,max-flop-growth=100),pad-channels(max-overhead=100)")
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("two_means_of_one_map_as_outputs", "all"),
+    ("mul_by_one_after_conv_output", "all"),
+    ("relu_twice_after_conv_output", "all"),
+    ("narrowing_pointwise_chain", ALL_OPT_IN),
+])
+def test_a_second_run_changes_nothing(name: str, spec: str):
+    model = load_case(f"fuzz_regressions/{name}")
+    out, report = optimize(model, spec)
+    assert report.equivalent and any(p.changed for p in report.passes)
+    assert changed_on_second_run(out, spec) == {}
+
+
+def test_a_mean_beside_an_output_mean_of_the_same_map_shares_its_pool():
+    out, _ = optimize(load_case("fuzz_regressions/two_means_of_one_map_as_outputs"), "all")
+    assert op_counts(out) == {"GlobalAveragePool": 1, "Squeeze": 1}
+
+
+def test_elementwise_readers_of_a_padded_graph_output_read_its_slice():
+    out, _ = optimize(load_case("fuzz_regressions/relu_twice_after_conv_output"), "all")
+    slices = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Slice"}
+    assert [n.input[0] for n in out.graph.node if n.op_type == "Relu"] == ["c", "r", "r"]
+    assert set(slices) == {"c"}
