@@ -182,6 +182,12 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
                 return shared
             result = out if last else gs.Variable(unique_name(graph, f"{reduce.name}_{op.lower()}"), dtype=out.dtype)
             graph.nodes.append(gs.Node(op, unique_name(graph, f"{reduce.name}_{op.lower()}"), attrs, inputs, [result]))
+            if shared is not None and not is_graph_output(graph, shared):
+                # The other way round: this pool writes a graph output, so the equal node already
+                # there gives way, and its readers read this one.
+                for reader in list(shared.outputs):
+                    replace_input(reader, shared, result)
+                stats.counters["nodes_shared"] += 1
             return result
 
         attrs = {} if plan.kernel is None else {"kernel_shape": list(plan.kernel), "strides": [1] * len(plan.kernel)}

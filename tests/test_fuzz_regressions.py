@@ -226,3 +226,4 @@ def test_elementwise_readers_of_a_padded_graph_output_read_its_slice():
     slices = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Slice"}
     assert [n.input[0] for n in out.graph.node if n.op_type == "Relu"] == ["c", "r", "r"]
     assert set(slices) == {"c"}
+
