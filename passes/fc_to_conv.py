@@ -63,8 +63,9 @@ exactly in real arithmetic, computing in float64 and storing in the weight's dty
 2. before a linear, a Mul whose only reader the linear is, by a constant that is one value or
    one per input feature (column k of the weight scales by s[k]), unless the linear before it
    took that Mul under 1. Inside a chain the Mul would sit right before a Conv;
-3. in front of a flattened map that only the linear's flatten reads, each op whose output only
-   the next one reads: a Mul by a constant that is one value or one per channel (input channel
+3. in front of a flattened map that only the flatten reads, when only linears read the
+   flatten (each takes them; sibling linears' Convs are merged later in `all`, and onnxsim
+   would fold into the merged Conv), each op whose output only the next one reads: a Mul by a constant that is one value or one per channel (input channel
    c of the kernel scales by s[c]; where the Mul broadcasts a one-channel map to C channels, the
    C scaled kernel channels add up to one, which onnxsim's fold gets wrong) and a Pad with a
    constant zero on H and W only (mode constant, no `axes` input, no negative pads), which
@@ -253,7 +254,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
                 ops, following = follow
                 carried.append(ops)
                 chain_linears.append(following)
-            chain = Chain(feature_map_source(graph, linear, stats), tuple(chain_linears), tuple(carried))
+            chain = Chain(feature_map_source(graph, linear, entries, stats), tuple(chain_linears), tuple(carried))
             sites.append(Site(chain.key, chain))
         return sites
 
@@ -665,11 +666,13 @@ def squeezes_unit_spatial_axes(node: gs.Node) -> bool:
     return sorted(int(a) + 4 if int(a) < 0 else int(a) for a in np.ravel(axes)) == [2, 3]
 
 
-def feature_map_source(graph: gs.Graph, linear: Linear, stats: PassStats) -> FeatureMap | None:
+def feature_map_source(graph: gs.Graph, linear: Linear, entries: dict[str, Linear], stats: PassStats) -> FeatureMap | None:
     """The 4-D map behind a Flatten/Reshape/Squeeze feeding the linear, when its kernel can cover it.
 
-    When the flatten is there for the linear alone, the zero Pads and constant Muls that compute
-    the map go into the Conv too (fold_into_map): the Conv would read their output otherwise.
+    When only linears read the flatten (`entries`, by the name of the node that reads each
+    linear's input), the zero Pads and constant Muls that compute the map go into each one's Conv
+    (fold_into_map): the Conv would read their output otherwise, and where two sibling linears
+    read one flatten, merge-convs makes their Convs one, which onnxsim then folds them into.
     """
     x = linear.input
     producer = x.inputs[0] if len(x.inputs) == 1 else None
@@ -685,7 +688,8 @@ def feature_map_source(graph: gs.Graph, linear: Linear, stats: PassStats) -> Fea
     if channels * height * width != linear.weight.shape[1] or tensor_dtype(data) != linear.weight.dtype:
         return None
     source = FeatureMap(data, channels, height, width, linear.weight.reshape((-1, channels, height, width)))
-    if len(x.outputs) != 1 or is_graph_output(graph, x) or used_in_subgraph(graph, x):
+    only_linears = all(r.name in entries and entries[r.name].input is x for r in x.outputs)
+    if not only_linears or is_graph_output(graph, x) or used_in_subgraph(graph, x):
         return source  # the flatten stays for its other readers, and so does what computes the map
     while (folded := fold_into_map(graph, source, stats)) is not None:
         source = folded
@@ -887,6 +891,10 @@ def view_as_map(graph: gs.Graph, x: gs.Tensor, k: int, stem: str) -> gs.Tensor:
        [-1, K, 1, 1] (or is that tensor, if it is [B, K, 1, 1] already), when that tensor has
        x's batch dim and per-sample dims that are known and hold K values: the ops are then one
        exact reshape, which cannot fail where they could (a Squeeze of a dim not proven to be 1).
+       So it does when the ops are Flattens alone (which cannot fail) and x has a static K
+       columns, as after a token-wise Flatten(axis=2) of [N, C, H, W]. onnxsim would write the
+       joined Reshape's first dim as -1 when it is symbolic and as a number when static; both
+       read the same, and it leaves a Reshape(top, [-1, K, 1, 1]) alone.
     """
     if (flattened := flattened_maps(graph).get(x.name)) is not None:
         return flattened
@@ -894,8 +902,8 @@ def view_as_map(graph: gs.Graph, x: gs.Tensor, k: int, stem: str) -> gs.Tensor:
     producer = x.inputs[0] if len(x.inputs) == 1 else None
     if producer is not None and producer.op in ("Flatten", "Squeeze", "Unsqueeze") and in_default_domain(producer):
         top = reshape_family_top(x)
-        if reshapes_exactly_to_rows(top, x, k):
-            if tuple(top.shape[1:]) == (k, 1, 1):
+        if reshapes_exactly_to_rows(top, x, k) or flattens_to_rows_of_k(top, x, k):
+            if top.shape is not None and tuple(top.shape[1:]) == (k, 1, 1):
                 return top
             source, target = top, [-1, k, 1, 1]
     for reader in source.outputs:
@@ -922,6 +930,21 @@ def reshapes_exactly_to_rows(top: gs.Tensor, x: gs.Tensor, k: int) -> bool:
         return False
     per_sample = top.shape[1:]
     return all(isinstance(d, (int, np.integer)) and d >= 0 for d in per_sample) and math.prod(per_sample) == k
+
+
+def flattens_to_rows_of_k(top: gs.Tensor, x: gs.Tensor, k: int) -> bool:
+    """Whether x, of static shape [*, K], is computed from `top` by default-domain Flattens alone.
+
+    Flatten keeps the element order and never fails, so x is exactly Reshape(top, [-1, K]).
+    """
+    if x.shape is None or len(x.shape) != 2 or not isinstance(x.shape[1], (int, np.integer)) or x.shape[1] != k:
+        return False
+    while x is not top:
+        producer = x.inputs[0]
+        if producer.op != "Flatten":
+            return False
+        x = producer.inputs[0]
+    return True
 
 
 def pointwise_kernel(weight: np.ndarray) -> np.ndarray:

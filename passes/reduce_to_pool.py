@@ -11,6 +11,11 @@ reduce only spatial axes:
      reduced dims to be static.
   3. ReduceSum (`sum_as_pool`, off by default, float32 only) -> the average pool of 1 or 2,
      times the number of reduced elements (a Mul by a float32 constant); needs static reduced dims.
+     With keepdims=1, when only Convs with constant float32 weights read the sum (as their data),
+     their weights are scaled by the count instead and no Mul is emitted: onnxsim's
+     fuse_preceding_mul_into_conv would fold the Mul into such a Conv the next time `simplify`
+     runs (after merge-convs made two such Convs one), so `all` would change its own output.
+     Each scaled weight is a new constant; one that would overflow float32 keeps the Mul.
 With keepdims=0 a Squeeze of the reduced axes follows, so the batch may stay dynamic. The last
 node writes the Reduce's own output tensor, so a graph output keeps its name, dtype and shape.
 
@@ -105,6 +110,8 @@ class PoolPlan:
     kernel: tuple[int, ...] | None
     count: int | None
     squeeze_axes: tuple[int, ...] | None
+    # Convs that read the sum as their data and take `count` into their weight instead of a Mul.
+    scaled_convs: tuple[gs.Node, ...] = ()
 
 
 class ReduceToPool(GraphPass[ReduceToPoolOptions]):
@@ -163,8 +170,11 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
                 return "ReduceSum over dims that are not static (the count must be known)"
             count = int(np.prod([int(d) for d in sizes.values()]))
         keepdims = node.attrs.get("keepdims", 1)
-        return PoolPlan(node, global_op if kernel is None else window_op, kernel, count,
-                        None if keepdims else tuple(sorted(axes)))
+        squeeze_axes = None if keepdims else tuple(sorted(axes))
+        scaled_convs = ()
+        if count is not None and squeeze_axes is None:
+            scaled_convs = convs_that_can_take_the_count(graph, node.outputs[0], count)
+        return PoolPlan(node, global_op if kernel is None else window_op, kernel, count, squeeze_axes, scaled_convs)
 
     def rewrite_site(self, graph: gs.Graph, site: Site, stats: PassStats) -> None:
         plan: PoolPlan = site.payload
@@ -191,8 +201,13 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
             return result
 
         attrs = {} if plan.kernel is None else {"kernel_shape": list(plan.kernel), "strides": [1] * len(plan.kernel)}
-        tensor = step(plan.pool_op, [x], last=plan.count is None and plan.squeeze_axes is None, **attrs)
-        if plan.count is not None:
+        scale_weights = bool(plan.scaled_convs)
+        tensor = step(plan.pool_op, [x], last=(plan.count is None or scale_weights) and plan.squeeze_axes is None, **attrs)
+        for conv in plan.scaled_convs:
+            weight = constant_value(conv.inputs[1]).astype(np.float64) * plan.count
+            conv.inputs[1] = make_constant(graph, f"{conv.name}_weight_times_{plan.count}", weight.astype(np.float32))
+            stats.counters["conv_weights_scaled"] += 1
+        if plan.count is not None and not scale_weights:
             count = make_constant(graph, f"{reduce.name}_count", np.array(plan.count, dtype=np.float32))
             tensor = step("Mul", [tensor, count], last=plan.squeeze_axes is None)
         if plan.squeeze_axes is not None:
@@ -204,6 +219,29 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
         stats.counters[f"{reduce.op}_to_{plan.pool_op}"] += 1
         stats.details.append({"node": reduce.name, "pool": plan.pool_op, "kernel": plan.kernel,
                               "keepdims": plan.squeeze_axes is None})
+
+
+def convs_that_can_take_the_count(graph: gs.Graph, total: gs.Tensor, count: int) -> tuple[gs.Node, ...]:
+    """The Convs that read the ReduceSum's output `total`, when nothing else does and each can take the count.
+
+    Conv(pool * n, W, B) = Conv(pool, n W, B), zero padding included. A Mul left between the pool
+    and a Conv with a constant weight, its only reader, is what onnxsim's
+    fuse_preceding_mul_into_conv folds the next time `simplify` runs; with two Convs, merge-convs
+    would merge them first. So every reader must be a default-domain Conv reading `total` as its
+    data only, with a constant float32 weight that stays finite times n; else none are scaled.
+    """
+    readers = list(total.outputs)
+    if not readers or is_graph_output(graph, total) or used_in_subgraph(graph, total):
+        return ()
+    for conv in readers:
+        if conv.op != "Conv" or conv.domain not in DEFAULT_DOMAINS or len(conv.inputs) < 2:
+            return ()
+        if conv.inputs[0] is not total or any(t is total for t in conv.inputs[1:]):
+            return ()
+        weight = constant_value(conv.inputs[1])
+        if weight is None or weight.dtype != np.float32 or not np.all(np.isfinite((weight.astype(np.float64) * count).astype(np.float32))):
+            return ()
+    return tuple(readers)
 
 
 def same_computation(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: dict) -> gs.Tensor | None:

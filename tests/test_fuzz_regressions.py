@@ -14,6 +14,7 @@ from graphopt import Pipeline, optimize
 from graphopt.passes.fc_to_conv import FcToConv
 from graphopt.passes.merge_convs import MergeConvs
 from graphopt.passes.pad_channels import PadChannels
+from graphopt.passes.reduce_to_pool import ReduceToPool
 from graphopt.passes.simplify import Simplify
 from graphopt.testing import assert_equivalent
 from graphopt.verify import make_feed
@@ -208,6 +209,11 @@ ALL_OPT_IN = ("simplify,remove-identity-scale,reduce-to-pool(sum-as-pool=true),f
     ("mul_by_one_after_conv_output", "all"),
     ("relu_twice_after_conv_output", "all"),
     ("narrowing_pointwise_chain", ALL_OPT_IN),
+    ("scaled_map_flattened_for_two_linears", "all"),
+    ("flatten_axis_2_matmul", ALL_OPT_IN),
+    ("flatten_axis_2_matmul_static_batch", ALL_OPT_IN),
+    ("reduce_sum_conv", ALL_OPT_IN),
+    ("reduce_sum_two_convs", ALL_OPT_IN),
 ])
 def test_a_second_run_changes_nothing(name: str, spec: str):
     model = load_case(f"fuzz_regressions/{name}")
@@ -227,3 +233,46 @@ def test_elementwise_readers_of_a_padded_graph_output_read_its_slice():
     assert [n.input[0] for n in out.graph.node if n.op_type == "Relu"] == ["c", "r", "r"]
     assert set(slices) == {"c"}
 
+
+
+def test_fc_to_conv_folds_a_scaled_map_into_every_linear_that_reads_its_flatten():
+    model = load_case("fuzz_regressions/scaled_map_flattened_for_two_linears")
+    out, record = assert_rewrites_equivalently(model, FcToConv())
+    assert record.counters["muls_folded"] == 2 and op_counts(out) == {"Conv": 2, "Flatten": 2}
+    assert {n.input[0] for n in out.graph.node if n.op_type == "Conv"} == {"x"}
+
+
+def test_fc_to_conv_keeps_a_scaled_map_whose_flatten_a_non_linear_reads():
+    out, record = assert_rewrites_equivalently(load_case("fuzz_regressions/scaled_map_flattened_for_a_linear_and_a_relu"), FcToConv())
+    assert "muls_folded" not in record.counters and op_counts(out)["Mul"] == 1
+    assert [n.input[0] for n in out.graph.node if n.op_type == "Conv"] == ["m"]
+
+
+@pytest.mark.parametrize("name", ["flatten_axis_2_matmul", "flatten_axis_2_matmul_static_batch"])
+def test_fc_to_conv_views_a_token_flatten_as_one_reshape_of_its_input(name: str):
+    out, _ = assert_rewrites_equivalently(load_case(f"fuzz_regressions/{name}"), FcToConv(token_linears=True))
+    [reshape] = [n for n in out.graph.node if n.op_type == "Reshape"]
+    assert reshape.input[0] == "r" and "Flatten" not in {n.op_type for n in out.graph.node if n.output[0] == reshape.input[0]}
+    assert op_counts(out) == {"Relu": 1, "Reshape": 1, "Conv": 1, "Flatten": 1}
+
+
+def test_fc_to_conv_keeps_a_token_flatten_whose_rows_are_not_proven_k_long():
+    out, _ = assert_rewrites_equivalently(load_case("fuzz_regressions/flatten_axis_2_of_dynamic_height_matmul"), FcToConv(token_linears=True))
+    [reshape] = [n for n in out.graph.node if n.op_type == "Reshape"]
+    assert reshape.input[0] == "f"
+
+
+def test_sum_as_pool_scales_the_weights_of_the_convs_that_read_the_sum():
+    model = load_case("fuzz_regressions/reduce_sum_two_convs")
+    out, record = assert_rewrites_equivalently(model, ReduceToPool(sum_as_pool=True))
+    assert op_counts(out) == {"GlobalAveragePool": 1, "Conv": 2} and record.counters["conv_weights_scaled"] == 2
+    weights = {init.name: numpy_helper.to_array(init) for init in out.graph.initializer}
+    original = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    for conv in [n for n in out.graph.node if n.op_type == "Conv"]:
+        np.testing.assert_allclose(weights[conv.input[1]], original * 16, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["reduce_sum_conv_and_relu", "reduce_sum_conv_with_runtime_weight"])
+def test_sum_as_pool_keeps_the_count_mul_unless_only_constant_weight_convs_read_the_sum(name: str):
+    out, record = assert_rewrites_equivalently(load_case(f"fuzz_regressions/{name}"), ReduceToPool(sum_as_pool=True))
+    assert op_counts(out)["Mul"] == 1 and "conv_weights_scaled" not in record.counters
