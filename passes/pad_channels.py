@@ -417,14 +417,18 @@ class SitePlanner:
                 return reason
             self.site.tensors.append(tensor)
             self.site.padded_uses.setdefault(tensor.name, [])
-            # Elementwise readers of a graph output read the Slice that writes it, as they read the
-            # output before: carried on, an op pinned by the output (a Mul by 1, the same Relu
-            # twice) would come loose, and `simplify` would remove it when `all` runs again.
+            # Ops that only graph outputs keep apart from `simplify` are not carried: they read a
+            # Slice, as they read the unpadded tensor before. Carried, an op reading a graph output
+            # (a Mul by 1) or one of two equal ops writing graph outputs (the same pool twice)
+            # would come loose, and `simplify` would remove or merge it when `all` runs again.
             pinned = is_graph_output(self.graph, tensor)
-            for node in _unique(tensor.outputs):
+            readers = _unique(tensor.outputs)
+            for node in readers:
                 for index in [i for i, t in enumerate(node.inputs) if t is tensor]:
                     decision = self.classify(node, index)
-                    self.accept(node, index, SLICE if pinned and decision.role is Role.CARRY else decision)
+                    if decision.role is Role.CARRY and (pinned or self.kept_apart_by_outputs(node, readers)):
+                        decision = SLICE
+                    self.accept(node, index, decision)
         return None
 
     def accept(self, node: gs.Node, index: int, decision: Decision) -> None:
@@ -508,6 +512,17 @@ class SitePlanner:
         if decisions and all(role is Role.PAIR for role in decisions.values()):
             return [node.inputs[i] for i in decisions]
         return None
+
+    def kept_apart_by_outputs(self, node: gs.Node, readers: list[gs.Node]) -> bool:
+        """Whether `node` and an equal reader of the same inputs both write graph outputs."""
+        def writes_output(n: gs.Node) -> bool:
+            return any(is_graph_output(self.graph, out) for out in n.outputs)
+
+        return writes_output(node) and any(
+            other is not node and other.op == node.op and other.attrs == node.attrs
+            and [t.name for t in other.inputs] == [t.name for t in node.inputs] and writes_output(other)
+            for other in readers
+        )
 
     def tensor_problem(self, tensor: gs.Variable) -> str | None:
         shape = tensor.shape

@@ -104,6 +104,9 @@ class Simplify(GraphPass[SimplifyOptions]):
         # onnxsim prints progress to stdout; graphopt's own output must stay clean.
         with contextlib.redirect_stdout(io.StringIO()):
             simplified, _ = onnxsim.simplify(model, check_n=0, perform_optimization=optimize)
+        # Its intermediate shape annotations go: the pass manager infers every shape again after
+        # the pass, and the check below judges the graph, not annotations onnxsim left behind.
+        del simplified.graph.value_info[:]
         return simplified
 
 
