@@ -154,16 +154,30 @@ def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant
     """
     # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
     values = np.array(values, order="C")
-    same_type = _constants_by_type(graph).setdefault((values.dtype.str, values.shape), [])
-    for existing in same_type:
-        if existing.values.tobytes() == values.tobytes():  # bytes: -0.0 and NaN payloads count
-            return existing
+    same_type = _constants_by_type(graph).setdefault((values.dtype.str, values.shape), _SameType())
+    key = values.tobytes()  # bytes, not values: -0.0 and 0.0 differ, and so do NaN payloads
+    if (existing := same_type.find(key)) is not None:
+        return existing
     constant = gs.Constant(unique_name(graph, stem), values)
-    same_type.append(constant)
+    same_type.by_bytes[key] = constant
     return constant
 
 
-def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], list[gs.Constant]]:
+class _SameType:
+    """The graph's initializers of one dtype and shape, read (and indexed by bytes) on first use."""
+
+    def __init__(self) -> None:
+        self.unread: list[gs.Constant] = []
+        self.by_bytes: dict[bytes, gs.Constant] = {}
+
+    def find(self, key: bytes) -> gs.Constant | None:
+        for constant in self.unread:
+            self.by_bytes.setdefault(np.asarray(constant.values).tobytes(), constant)
+        self.unread.clear()
+        return self.by_bytes.get(key)
+
+
+def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], _SameType]:
     """The graph's initializers by dtype and shape, built once per graph (values load lazily)."""
     index = graph.__dict__.get("_graphopt_constants")  # not getattr: see unique_name
     if index is None:
@@ -171,7 +185,7 @@ def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], lis
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant):
                 with contextlib.suppress(TypeError):  # a dtype numpy cannot name (bfloat16): never shared
-                    index.setdefault((np.dtype(tensor.dtype).str, tuple(tensor.shape)), []).append(tensor)
+                    index.setdefault((np.dtype(tensor.dtype).str, tuple(tensor.shape)), _SameType()).unread.append(tensor)
         graph.__dict__["_graphopt_constants"] = index
     return index
 

@@ -9,10 +9,12 @@ node name. Reference outputs are computed once and then carried from pass to pas
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,17 +112,19 @@ class Pipeline:
         reference = original
         flops = report.flops_before
 
-        for iteration in range(1, self.max_iterations + 1):
-            report.iterations = iteration
-            changed = False
-            for index, graph_pass in enumerate(self.passes, 1):
-                self.progress(f"[{index}/{len(self.passes)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
-                working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops)
-                flops = record.flops_after
-                report.passes.append(record)
-                changed |= record.changed
-            if not (self.fixed_point and changed):
-                break
+        with _collect_between_passes() as collect:
+            for iteration in range(1, self.max_iterations + 1):
+                report.iterations = iteration
+                changed = False
+                for index, graph_pass in enumerate(self.passes, 1):
+                    self.progress(f"[{index}/{len(self.passes)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
+                    working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops)
+                    collect()
+                    flops = record.flops_after
+                    report.passes.append(record)
+                    changed |= record.changed
+                if not (self.fixed_point and changed):
+                    break
 
         report.nodes_after = len(working.graph.node)
         report.flops_after = flops
@@ -250,6 +254,25 @@ class Pipeline:
             verdict, _ = verifier.check(original, model)
         worst = verdict.worst
         return FinalCheck(verdict.backend, verdict.passed, verdict.max_abs_err, verdict.max_rel_err, worst.name, worst.describe())
+
+
+@contextlib.contextmanager
+def _collect_between_passes() -> Iterator[Callable[[], None]]:
+    """Pause Python's automatic garbage collection during a run; collect once after each pass.
+
+    Automatic collection scans every live object whenever allocations pass a threshold, and a
+    pass over a 20k-node graph allocates millions (graphsurgeon's nodes and tensors): it cost a
+    quarter of the passes' time there (docs/benchmarks.md). A pass's graph is garbage once the
+    pass is done, so one collection per pass keeps memory where it was.
+    """
+    if not gc.isenabled():
+        yield lambda: None
+        return
+    gc.disable()
+    try:
+        yield gc.collect
+    finally:
+        gc.enable()
 
 
 def _reference_or_explain(verifier: Verifier, model: onnx.ModelProto) -> Outputs:
