@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +57,10 @@ def main() -> int:
     args = parser.parse_args()
     chunks = [(test_id, seed) for seed in range(1, args.seeds + 1) for test_id in test_ids()]
     failures = 0
-    with ThreadPoolExecutor(args.jobs) as pool, open(args.log, "w") as log:
+    # Line-buffered, in the order chunks finish: a run stopped from outside keeps what it found.
+    with ThreadPoolExecutor(args.jobs) as pool, open(args.log, "w", buffering=1) as log:
         futures = [pool.submit(run_chunk, test_id, seed, args.examples, args.timeout) for test_id, seed in chunks]
-        for future in futures:
+        for future in as_completed(futures):
             name, failed, text, seconds = future.result()
             failures += failed
             print(f"{name}: {text.splitlines()[0]} in {seconds:.0f} s", flush=True)
