@@ -278,6 +278,9 @@ class FcToConv(GraphPass[FcToConvOptions]):
             stats.skip(reason)
             return None
         linear = fc_linear(node, weight)
+        if linear is None:
+            stats.skip("Gemm alpha or beta would overflow the weight dtype when folded")
+            return None
         while (grown := absorb_following(graph, linear, stats)) is not None:
             linear = grown
         if not self.options.token_linears and is_token_linear(linear):
@@ -456,19 +459,24 @@ def per_channel(values: np.ndarray, n: int) -> np.ndarray | None:
     return np.broadcast_to(values.reshape(-1), (n,))
 
 
-def fc_linear(node: gs.Node, weight: np.ndarray) -> Linear:
-    """The [N, K] weight and [N] bias of a Gemm/MatMul (alpha and beta folded in)."""
+def fc_linear(node: gs.Node, weight: np.ndarray) -> Linear | None:
+    """The [N, K] weight and [N] bias of a Gemm/MatMul (alpha and beta folded in), or None when
+    folding them would overflow the weight's dtype (float16 ends at 65504)."""
     dtype = weight.dtype
     if node.op == "MatMul":
         return Linear(node.name, node.op, (node,), node.inputs[0], node.outputs[0], weight.T.astype(dtype), None)
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
     matrix = weight if node.attrs.get("transB", 0) else weight.T
-    folded = (matrix.astype(np.float64) * alpha).astype(dtype)
+    folded = in_dtype(matrix.astype(np.float64) * alpha, dtype)
     bias = None
     if len(node.inputs) >= 3 and node.inputs[2].name != "":
-        values = per_channel(constant_value(node.inputs[2]), folded.shape[0])
-        bias = (values.astype(np.float64) * beta).astype(dtype)
+        values = per_channel(constant_value(node.inputs[2]), matrix.shape[0])
+        bias = in_dtype(values.astype(np.float64) * beta, dtype)
+        if bias is None:
+            return None
+    if folded is None:
+        return None
     return Linear(node.name, node.op, (node,), node.inputs[0], node.outputs[0], folded, bias)
 
 
@@ -485,8 +493,10 @@ def absorb_bias_add(graph: gs.Graph, linear: Linear) -> Linear | None:
     bias = per_channel(values, linear.weight.shape[0])
     if bias is None:
         return None
-    total = bias.astype(np.float64) + (0.0 if linear.bias is None else linear.bias.astype(np.float64))
-    return replace(linear, nodes=(*linear.nodes, add), output=add.outputs[0], bias=total.astype(linear.weight.dtype))
+    total = in_dtype(bias.astype(np.float64) + (0.0 if linear.bias is None else linear.bias.astype(np.float64)), linear.weight.dtype)
+    if total is None:  # the two biases add up past float16's range: the Add stays
+        return None
+    return replace(linear, nodes=(*linear.nodes, add), output=add.outputs[0], bias=total)
 
 
 def absorb_scale_mul(graph: gs.Graph, linear: Linear, stats: PassStats) -> Linear | None:
@@ -615,7 +625,8 @@ def scale_not_foldable(scale: np.ndarray, dtype: np.dtype, n: int) -> str | None
 
 def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     """float64 `values` cast to `dtype`, or None where a finite value overflows it (float16 ends at 65504)."""
-    cast = values.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is what this checks for
+        cast = values.astype(dtype)
     return None if np.any(np.isinf(cast) & np.isfinite(values)) else cast
 
 

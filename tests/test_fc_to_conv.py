@@ -15,6 +15,7 @@ from graphopt.passes.fc_to_conv import FcToConv
 from graphopt.passes.reduce_to_pool import ReduceToPool
 from graphopt.passes.simplify import Simplify
 from graphopt.testing import assert_equivalent
+from graphopt.verify import run_onnxruntime
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
 from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts
@@ -480,3 +481,14 @@ def test_converts_vit_token_linears_when_asked_and_leaves_attention_alone():
     assert record.counters["linears_converted"] == 49
     assert record.skipped == {"MatMul of two activations": 24}
     assert op_counts(out)["MatMul"] == 24 and "Gemm" not in op_counts(out)
+
+
+def test_leaves_a_float16_gemm_alone_when_folding_alpha_would_overflow():
+    assert_unchanged(case("gemm_fp16_alpha_overflows"), FcToConv(), reason="Gemm alpha or beta would overflow the weight dtype when folded")
+
+
+def test_keeps_the_add_when_the_folded_float16_bias_would_overflow():
+    model, out, record = rewrite("gemm_add_fp16_bias_overflows")
+    assert op_counts(out) == {"Reshape": 1, "Conv": 1, "Flatten": 1, "Add": 1}  # the Add stays after the Conv
+    feed = {"x": np.full((2, 4), -40000, np.float16)}
+    assert np.all(np.isfinite(run_onnxruntime(out, feed)["y"]))
