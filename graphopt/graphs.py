@@ -8,7 +8,6 @@ value is only known through a Constant node, an export that forgets the model's 
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +35,12 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(attrs.get("value"), gs.Constant):
             return attrs["value"].values
     return None
+
+
+def equal_constants(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Whether both tensors are constants of one dtype, shape and value."""
+    va, vb = constant_value(a), constant_value(b)
+    return va is not None and vb is not None and va.dtype == vb.dtype and np.array_equal(va, vb)
 
 
 def is_constant(tensor: gs.Tensor) -> bool:

@@ -95,6 +95,7 @@ from graphopt.graphs import (
     FLOAT_DTYPES,
     nodes_with_op,
     constant_value,
+    equal_constants,
     export_like,
     is_graph_output,
     make_constant,
@@ -605,17 +606,16 @@ def by_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[list[ConvInfo]
 
 def same_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[list[ConvInfo]]:
     """The siblings in classes that end alike: the same activation alone reads each, or none does."""
-    classes: list[list[ConvInfo]] = []
+    classes: list[tuple[gs.Node | None, list[ConvInfo]]] = []
     for conv in convs:
         act = activation_of(graph, conv)
-        for members in classes:
-            other = activation_of(graph, members[0])
+        for other, members in classes:
             if (act is None and other is None) or (act is not None and other is not None and same_op(act, other)):
                 members.append(conv)
                 break
         else:
-            classes.append([conv])
-    return classes
+            classes.append((act, [conv]))
+    return [members for _, members in classes]
 
 
 def shared_activation(graph: gs.Graph, convs: list[ConvInfo]) -> list[gs.Node] | None:
@@ -651,13 +651,7 @@ def same_constant_extras(a: gs.Node, b: gs.Node) -> bool:
     """Inputs after the first (Clip's min/max) are omitted in both, or equal constants in both."""
     if len(a.inputs) != len(b.inputs):
         return False
-    for x, y in zip(a.inputs[1:], b.inputs[1:]):
-        if not x.name and not y.name:
-            continue
-        vx, vy = constant_value(x), constant_value(y)
-        if vx is None or vy is None or vx.dtype != vy.dtype or not np.array_equal(vx, vy):
-            return False
-    return True
+    return all((not x.name and not y.name) or equal_constants(x, y) for x, y in zip(a.inputs[1:], b.inputs[1:]))
 
 
 def concat_of_exactly(graph: gs.Graph, tails: list[gs.Tensor]) -> gs.Node | None:

@@ -76,6 +76,7 @@ import onnx_graphsurgeon as gs
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
     constant_value,
+    equal_constants,
     is_graph_output,
     make_constant,
     nodes_with_op,
@@ -110,8 +111,8 @@ class PoolPlan:
     kernel: tuple[int, ...] | None
     count: int | None
     squeeze_axes: tuple[int, ...] | None
-    # Convs that read the sum as their data and take `count` into their weight instead of a Mul.
-    scaled_convs: tuple[gs.Node, ...] = ()
+    # Convs that read the sum as their data, each with its weight times `count` (instead of a Mul).
+    scaled_convs: tuple[tuple[gs.Node, np.ndarray], ...] = ()
 
 
 class ReduceToPool(GraphPass[ReduceToPoolOptions]):
@@ -203,9 +204,8 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
         attrs = {} if plan.kernel is None else {"kernel_shape": list(plan.kernel), "strides": [1] * len(plan.kernel)}
         scale_weights = bool(plan.scaled_convs)
         tensor = step(plan.pool_op, [x], last=(plan.count is None or scale_weights) and plan.squeeze_axes is None, **attrs)
-        for conv in plan.scaled_convs:
-            weight = constant_value(conv.inputs[1]).astype(np.float64) * plan.count
-            conv.inputs[1] = make_constant(graph, f"{conv.name}_weight_times_{plan.count}", weight.astype(np.float32))
+        for conv, weight in plan.scaled_convs:
+            conv.inputs[1] = make_constant(graph, f"{conv.name}_weight_times_{plan.count}", weight)
             stats.counters["conv_weights_scaled"] += 1
         if plan.count is not None and not scale_weights:
             count = make_constant(graph, f"{reduce.name}_count", np.array(plan.count, dtype=np.float32))
@@ -221,8 +221,9 @@ class ReduceToPool(GraphPass[ReduceToPoolOptions]):
                               "keepdims": plan.squeeze_axes is None})
 
 
-def convs_that_can_take_the_count(graph: gs.Graph, total: gs.Tensor, count: int) -> tuple[gs.Node, ...]:
-    """The Convs that read the ReduceSum's output `total`, when nothing else does and each can take the count.
+def convs_that_can_take_the_count(graph: gs.Graph, total: gs.Tensor, count: int) -> tuple[tuple[gs.Node, np.ndarray], ...]:
+    """The Convs that read the ReduceSum's output `total`, each with its weight times the count,
+    when nothing else reads it and every such weight stays finite.
 
     Conv(pool * n, W, B) = Conv(pool, n W, B), zero padding included. A Mul left between the pool
     and a Conv with a constant weight, its only reader, is what onnxsim's
@@ -233,15 +234,21 @@ def convs_that_can_take_the_count(graph: gs.Graph, total: gs.Tensor, count: int)
     readers = list(total.outputs)
     if not readers or is_graph_output(graph, total) or used_in_subgraph(graph, total):
         return ()
+    scaled = []
     for conv in readers:
         if conv.op != "Conv" or conv.domain not in DEFAULT_DOMAINS or len(conv.inputs) < 2:
             return ()
         if conv.inputs[0] is not total or any(t is total for t in conv.inputs[1:]):
             return ()
         weight = constant_value(conv.inputs[1])
-        if weight is None or weight.dtype != np.float32 or not np.all(np.isfinite((weight.astype(np.float64) * count).astype(np.float32))):
+        if weight is None or weight.dtype != np.float32:
             return ()
-    return tuple(readers)
+        with np.errstate(over="ignore"):  # overflow is what the check below looks for
+            times_count = (weight.astype(np.float64) * count).astype(np.float32)
+        if not np.all(np.isfinite(times_count)):
+            return ()
+        scaled.append((conv, times_count))
+    return tuple(scaled)
 
 
 def same_computation(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: dict) -> gs.Tensor | None:
@@ -252,17 +259,12 @@ def same_computation(graph: gs.Graph, op: str, inputs: list[gs.Tensor], attrs: d
             and reader.domain in DEFAULT_DOMAINS
             and dict(reader.attrs) == attrs
             and len(reader.inputs) == len(inputs)
-            and all(a is b or same_constant(a, b) for a, b in zip(reader.inputs, inputs))
+            and all(a is b or equal_constants(a, b) for a, b in zip(reader.inputs, inputs))
             and len(reader.outputs) == 1
             and not used_in_subgraph(graph, reader.outputs[0])
         ):
             return reader.outputs[0]
     return None
-
-
-def same_constant(a: gs.Tensor, b: gs.Tensor) -> bool:
-    va, vb = constant_value(a), constant_value(b)
-    return va is not None and vb is not None and va.dtype == vb.dtype and va.shape == vb.shape and np.array_equal(va, vb)
 
 
 def unpoolable_dtype(node: gs.Node) -> str | None:
