@@ -7,7 +7,6 @@ value is only known through a Constant node, an export that forgets the model's 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -262,48 +261,12 @@ def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
-    """An initializer holding `values`: one already in the graph with the same bytes, or a new one.
+    """A new initializer holding `values`, under a name unused in the graph.
 
-    Reusing equal initializers is what onnxsim does when `simplify` runs (it merges them), so a
-    graph the passes leave has none to merge, and a second run of `all` changes nothing. Sharing
-    is safe because no pass writes into a constant's values; passes make new constants instead.
+    Equal initializers need no sharing here: canonicalization (onnxsim) merges them after the pass.
     """
     # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
-    values = np.array(values, order="C")
-    same_type = _constants_by_type(graph).setdefault((values.dtype.str, values.shape), _SameType())
-    key = values.tobytes()  # bytes, not values: -0.0 and 0.0 differ, and so do NaN payloads
-    if (existing := same_type.find(key)) is not None:
-        return existing
-    constant = gs.Constant(unique_name(graph, stem), values)
-    same_type.by_bytes[key] = constant
-    return constant
-
-
-class _SameType:
-    """The graph's initializers of one dtype and shape, read (and indexed by bytes) on first use."""
-
-    def __init__(self) -> None:
-        self.unread: list[gs.Constant] = []
-        self.by_bytes: dict[bytes, gs.Constant] = {}
-
-    def find(self, key: bytes) -> gs.Constant | None:
-        for constant in self.unread:
-            self.by_bytes.setdefault(np.asarray(constant.values).tobytes(), constant)
-        self.unread.clear()
-        return self.by_bytes.get(key)
-
-
-def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], _SameType]:
-    """The graph's initializers by dtype and shape, built once per graph (values load lazily)."""
-    index = graph.__dict__.get("_graphopt_constants")  # not getattr: see unique_name
-    if index is None:
-        index = {}
-        for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Constant):
-                with contextlib.suppress(TypeError):  # a dtype numpy cannot name (bfloat16): never shared
-                    index.setdefault((np.dtype(tensor.dtype).str, tuple(tensor.shape)), _SameType()).unread.append(tensor)
-        graph.__dict__["_graphopt_constants"] = index
-    return index
+    return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
 def unique_name(graph: gs.Graph, stem: str) -> str:

@@ -165,21 +165,6 @@ def test_an_unchanged_pass_costs_no_verification_run(plugin_installed):
     assert np.isfinite(report.seconds)
 
 
-def test_make_constant_reuses_an_equal_initializer_and_only_an_equal_one():
-    # onnxsim merges equal initializers when `simplify` runs again; passes must leave none to merge.
-    import onnx_graphsurgeon as gs
-
-    from graphopt.graphs import make_constant
-
-    graph = gs.import_onnx(load_case("core/conv_stack"))
-    first = make_constant(graph, "shape", np.array([0, -1], np.int64))
-    assert make_constant(graph, "shape", np.array([0, -1], np.int64)) is first
-    assert make_constant(graph, "shape", np.array([0, -1], np.int32)) is not first
-    assert make_constant(graph, "zero", np.array([0.0], np.float32)) is not make_constant(graph, "zero", np.array([-0.0], np.float32))
-    [existing] = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)][:1]
-    assert make_constant(graph, "copy", np.array(existing.values)) is existing
-
-
 # -- the canonical form ----------------------------------------------------------------------------
 
 
