@@ -27,13 +27,21 @@ def nodes_with_op(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor known before inference: an initializer or a Constant node's output."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        if isinstance(attrs.get("value"), gs.Constant):
-            return attrs["value"].values
+    """The value of a tensor known before inference: an initializer or a Constant node's output,
+    also through the Identity chains exporters route weights by (canonicalization folds those,
+    but a pass must stay sound on a graph onnxsim could not canonicalize)."""
+    for _ in range(64):
+        if isinstance(tensor, gs.Constant):
+            return tensor.values
+        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if producer is None or producer.domain not in DEFAULT_DOMAINS:
+            return None
+        if producer.op == "Constant":
+            value = producer.attrs.get("value")
+            return value.values if isinstance(value, gs.Constant) else None
+        if producer.op != "Identity":
+            return None
+        tensor = producer.inputs[0]
     return None
 
 
