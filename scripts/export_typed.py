@@ -19,10 +19,10 @@ refilled by ``tests/fixtures/zoo.py``, or a raw torch export named with ``--real
   symmetric INT8 weights and activations (TensorRT's form), weights stored as int8 initializers;
 - ``<model>.fp16[-keepio].onnx``: ModelOpt AutoCast to FP16 (``keep_io_types`` off / on).
 
-Every tensor of 1 KiB or more is stored as external data and the data file deleted, as
-``scripts/export_zoo.py`` does; QuantizeLinear/DequantizeLinear scales and zero points always stay
-inline (they are the calibration, and the refill derives the weights from them).
-``tests/fixtures/zoo.py::load_typed_model`` refills the rest.
+Weights are stored as external data and the data file deleted, as ``scripts/export_zoo.py`` does
+(see ``strip_weights`` for which tensors); ``tests/fixtures/zoo.py::load_typed_model`` refills
+them. The tools' full outputs can be kept (``--keep DIR``) so that a change of the stripping rules
+does not run the tools again.
 """
 from __future__ import annotations
 
@@ -46,15 +46,20 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from onnx.external_data_helper import convert_model_to_external_data  # noqa: E402
+from onnx import helper  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+from onnx.external_data_helper import set_external_data  # noqa: E402
 
-from tests.fixtures.zoo import TYPED_DIR, load_zoo_model  # noqa: E402
+from tests.fixtures.zoo import TYPED_DIR, load_zoo_model, refillable_initializers  # noqa: E402
 
 CALIBRATION_SAMPLES = 4
 SEED = 0
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
-# Small zoo skeletons (tests/fixtures/zoo) and raw exports of /work/realmodels (export_real.py there).
+# Zoo skeletons (tests/fixtures/zoo) and raw torch exports (--realmodels), with the forms committed
+# to tests/fixtures/typed: every form of the small models; of the ImageNet-size ones (200-700 KiB a
+# form, names included) the forms issue 15's measurements are about, keeping the corpus under 2 MB.
+# `--all-forms` writes every form of every model.
 ZOO_SOURCES = ("fc_head_classifier", "det_head", "se_block", "squeezenet1_0", "mobilenet_v3_small")
 REAL_SOURCES = ("regnet_y_400mf", "mixnet_s", "mnasnet0_5", "tiny_yolo")
 
@@ -106,6 +111,18 @@ FORMS = (
     Form("fp16", False, partial(autocast_fp16, keep_io_types=False)),
     Form("fp16-keepio", False, partial(autocast_fp16, keep_io_types=True)),
 )
+ALL_FORMS = tuple(form.suffix for form in FORMS)
+COMMITTED_FORMS = {
+    "fc_head_classifier": ALL_FORMS,
+    "det_head": ALL_FORMS,
+    "se_block": ALL_FORMS,
+    "squeezenet1_0": ("modelopt-int8", "ort-qdq", "fp16-keepio"),
+    "mobilenet_v3_small": ("ort-qdq-sim",),
+    "regnet_y_400mf": ("modelopt-int8", "fp16"),
+    "mixnet_s": ("modelopt-int8-sim",),
+    "mnasnet0_5": ("ort-qdq-sim",),
+    "tiny_yolo": ("modelopt-int8-sim",),
+}
 
 
 def _shapes_spec(calibration: dict[str, np.ndarray], batch: int) -> str:
@@ -138,22 +155,31 @@ def simplified(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # --------------------------------------------------------------------------- stripping
 def strip_weights(model: onnx.ModelProto, dst: Path) -> None:
-    """Save `model` to `dst` with every tensor of 1 KiB or more external, then delete the data.
+    """Save `model` to `dst` with its weights external, then delete the data file.
 
-    Q/DQ scales and zero points stay inline whatever their size: they are the calibration, and the
-    refill derives the quantized weights from them.
+    External: every tensor of 1 KiB or more (as scripts/export_zoo.py), and every tensor of more
+    than one element that the refill restores in meaning (weights, biases, normalization
+    parameters, quantized constants, per-channel weight and bias scales, all-zero zero points),
+    however small. Per-tensor scales (the activations' calibration) and shape-like constants stay
+    inline. value_info goes: every reader infers shapes again, and it was a fifth of the bytes.
     """
     # The zoo's stripping rules; imported here, as export_zoo imports torch, which the tool workers need not.
     from export_zoo import SIZE_THRESHOLD, constants_to_initializers
 
     constants_to_initializers(model, SIZE_THRESHOLD)
+    del model.graph.value_info[:]
+    refillable = refillable_initializers(model.graph)
     quantization_parameters = {name for n in model.graph.node if n.op_type in QDQ_OPS for name in n.input[1:]}
     weights = dst.with_suffix(".weights")
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=weights.name, size_threshold=SIZE_THRESHOLD)
     for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor)
         if tensor.name in quantization_parameters:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            external = value.size > 1 and tensor.name in refillable
+        else:
+            external = tensor.ByteSize() >= SIZE_THRESHOLD or (value.size > 1 and tensor.name in refillable)
+        if external:
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))  # onnx writes raw_data only
+            set_external_data(tensor, location=weights.name)
     model.producer_name = f"{model.producer_name} via graphopt scripts/export_typed.py"
     onnx.save_model(model, str(dst))  # writes the external tensors to `weights`, which is never committed
     weights.unlink(missing_ok=True)
@@ -175,25 +201,44 @@ def source_models(realmodels: Path | None, only: set[str] | None) -> dict[str, o
     return sources
 
 
-def export(name: str, model: onnx.ModelProto, out: Path, forms: tuple[Form, ...]) -> None:
+def export(name: str, model: onnx.ModelProto, out: Path, forms: tuple[Form, ...], keep: Path | None) -> None:
     calibration = calibration_data(model)
     with tempfile.TemporaryDirectory() as tmp:
         raw_path, sim_path = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.sim.onnx"
         onnx.save(model, str(raw_path))
         onnx.save(simplified(model), str(sim_path))
         for form in forms:
-            typed_path = Path(tmp) / f"{name}.{form.suffix}.onnx"
+            typed_path = (keep or Path(tmp)) / f"{name}.{form.suffix}.onnx"
             start = time.perf_counter()
-            # Each tool in a process of its own: importing ModelOpt patches onnxruntime.quantization,
-            # after which ORT's quantize_static finds no calibration range for the graph input.
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as worker:
-                worker.submit(form.make, sim_path if form.simplified else raw_path, typed_path, calibration).result()
+            if not typed_path.is_file():
+                # Each tool in a process of its own: importing ModelOpt patches onnxruntime.quantization,
+                # after which ORT's quantize_static finds no calibration range for the graph input.
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as worker:
+                    worker.submit(form.make, sim_path if form.simplified else raw_path, typed_path, calibration).result()
             typed = onnx.load(str(typed_path))
             onnx.checker.check_model(typed, full_check=True)
+            if (failure := ort_failure(typed, calibration)) is not None:
+                print(f"{name}.{form.suffix}: not written, ONNX Runtime cannot run the tool's output: {failure}", flush=True)
+                continue
             dst = out / f"{name}.{form.suffix}.onnx"
             strip_weights(typed, dst)
             print(f"{dst.name:44s} {dst.stat().st_size / 1024:7.1f} KiB  nodes {len(typed.graph.node):4d}  "
                   f"{time.perf_counter() - start:5.1f} s", flush=True)
+
+
+def ort_failure(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> str | None:
+    """Why ONNX Runtime cannot run `model` on one calibration sample, or None."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, {k: v[:1].astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+                           for (k, v), i in zip(calibration.items(), model.graph.input)})
+    except Exception as err:  # ORT raises its own Fail/InvalidArgument types
+        return str(err).strip().splitlines()[-1]
+    return None
 
 
 def tool_versions() -> str:
@@ -205,14 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=TYPED_DIR, help="output directory")
     parser.add_argument("--realmodels", type=Path, help="folder of raw float exports (regnet_y_400mf.onnx, ...)")
     parser.add_argument("--only", action="append", metavar="MODEL", help="export only this source model (repeatable)")
-    parser.add_argument("--form", action="append", choices=[f.suffix for f in FORMS], help="export only this form (repeatable)")
+    parser.add_argument("--keep", type=Path, help="keep the tools' full outputs here, and reuse those already there")
+    parser.add_argument("--form", action="append", choices=ALL_FORMS, help="export only this form (repeatable)")
+    parser.add_argument("--all-forms", action="store_true", help="every form of every model, not only the committed ones")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns once per tensor
     print(tool_versions(), flush=True)
-    forms = tuple(f for f in FORMS if args.form is None or f.suffix in args.form)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     for name, model in source_models(args.realmodels, set(args.only) if args.only else None).items():
-        export(name, model, args.out, forms)
+        wanted = ALL_FORMS if args.all_forms else COMMITTED_FORMS[name]
+        forms = tuple(f for f in FORMS if f.suffix in wanted and (args.form is None or f.suffix in args.form))
+        export(name, model, args.out, forms, args.keep)
     return 0
 
 

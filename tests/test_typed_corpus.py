@@ -3,15 +3,22 @@
 Each fixture in tests/fixtures/typed is refilled with seeded weights (tests/fixtures/zoo.py), must
 be a valid model ONNX Runtime runs with finite, input-dependent outputs and live quantizers, and
 must go through `--passes all` with equivalent outputs, reaching a fixed point.
+
+The default run checks every form of the three small models (an FC head, a detection head with
+sibling convs, an SE block); `GRAPHOPT_TYPED_CORPUS=all pytest tests/test_typed_corpus.py` checks
+the ImageNet-size models too (minutes on two cores: ORT's CPU kernels for FP16 are slow).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import graphopt
 from graphopt.graphs import weight
@@ -19,10 +26,17 @@ from tests.fixtures.zoo import TYPED_DIR, load_typed_model, typed_names
 
 TYPED = typed_names()
 QUANTIZED = [name for name in TYPED if "int8" in name or "qdq" in name]
-# Fixtures of the full-size ImageNet models (/work/realmodels exports): a few seconds each.
-SLOW_SOURCES = ("regnet_y_400mf", "mixnet_s", "mnasnet0_5", "tiny_yolo")
-# A quantizer whose output sits at the ends of its range this often has lost its input's information.
-MAX_SATURATED = 0.25
+# Small enough for every run; the other sources are ImageNet-size (seconds to a minute each).
+FAST_SOURCES = ("fc_head_classifier", "det_head", "se_block")
+RUN_ALL = os.environ.get("GRAPHOPT_TYPED_CORPUS") == "all"
+# Refilled weights must keep activations inside the tools' calibrated ranges: over a whole model
+# few quantized values may sit at the ends of their range. One tensor may saturate more (RegNetY's
+# first SE squeeze has 8 values a sample, calibrated on 4 samples), never entirely.
+MAX_SATURATED_IN_MODEL = 0.05
+MAX_SATURATED_IN_TENSOR = 0.75
+# Random-weight ImageNet models barely depend on their input (the exported float MnasNet's output
+# moves by 0.1% of its scale between two random inputs); constant outputs are what must not pass.
+MIN_INPUT_DEPENDENCE = 1e-4
 
 
 def source(name: str) -> str:
@@ -30,19 +44,29 @@ def source(name: str) -> str:
 
 
 def params(names: list[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if source(n) in SLOW_SOURCES else n for n in names]
+    slow = [pytest.mark.slow, pytest.mark.skipif(not RUN_ALL, reason="ImageNet-size: set GRAPHOPT_TYPED_CORPUS=all")]
+    return [n if source(n) in FAST_SOURCES else pytest.param(n, marks=slow) for n in names]
 
 
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray], extra_outputs: list[str] = ()) -> list[np.ndarray]:
-    """ONNX Runtime on CPU with its graph optimizations off; `extra_outputs` are returned after the outputs."""
+@functools.cache
+def _refilled(name: str) -> bytes:
+    return load_typed_model(name).SerializeToString()
+
+
+def refilled(name: str) -> onnx.ModelProto:
+    """The fixture with its weights refilled (seed 0), loaded once per session."""
+    return onnx.ModelProto.FromString(_refilled(name))
+
+
+def session(model: onnx.ModelProto, extra_outputs: list[str] = ()) -> ort.InferenceSession:
+    """ONNX Runtime on CPU with its graph optimizations off; `extra_outputs` come after the outputs."""
     if extra_outputs:
         model = onnx.ModelProto.FromString(model.SerializeToString())
         model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in extra_outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def random_feed(model: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -62,12 +86,13 @@ def node_list(model: onnx.ModelProto) -> list[tuple]:
 # -- the fixtures ------------------------------------------------------------------------------------
 
 
-def test_the_corpus_holds_every_form_of_every_source_model() -> None:
+def test_every_small_model_comes_in_every_form_and_every_fixture_in_a_known_one() -> None:
     forms = {"modelopt-int8", "modelopt-int8-sim", "ort-qdq", "ort-qdq-sim", "fp16", "fp16-keepio"}
     by_source: dict[str, set[str]] = {}
     for name in TYPED:
         by_source.setdefault(source(name), set()).add(name.split(".", 1)[1])
-    assert by_source and all(found == forms for found in by_source.values()), by_source
+    assert {s: by_source.get(s) for s in FAST_SOURCES} == {s: forms for s in FAST_SOURCES}
+    assert set().union(*by_source.values()) == forms
 
 
 def test_the_readme_describes_every_fixture() -> None:
@@ -92,47 +117,53 @@ def test_refill_depends_on_the_seed_only() -> None:
 
 @pytest.mark.parametrize("name", params(TYPED))
 def test_refilled_model_passes_the_full_checker(name: str) -> None:
-    onnx.checker.check_model(load_typed_model(name), full_check=True)
+    onnx.checker.check_model(refilled(name), full_check=True)
 
 
 @pytest.mark.parametrize("name", params(TYPED))
 def test_refilled_model_gives_finite_input_dependent_outputs_at_batch_1_and_2(name: str) -> None:
-    model = load_typed_model(name)
+    model = refilled(name)
+    runner = session(model)
     pair, other = random_feed(model, 2, seed=1), random_feed(model, 2, seed=2)
     first = {k: v[:1] for k, v in pair.items()}
-    for single, batched, changed in zip(run(model, first), run(model, pair), run(model, other)):
+    for single, batched, changed in zip(runner.run(None, first), runner.run(None, pair), runner.run(None, other)):
         batched, changed = batched.astype(np.float32), changed.astype(np.float32)
         assert np.isfinite(batched).all()
         assert batched.std() > 0
         scale = np.abs(batched).max()
         np.testing.assert_allclose(single[0].astype(np.float32), batched[0], atol=1e-3 * scale)
-        assert np.abs(batched - changed).max() > 0.01 * scale
+        assert np.abs(batched - changed).max() > MIN_INPUT_DEPENDENCE * scale
 
 
 @pytest.mark.parametrize("name", params(QUANTIZED))
 def test_refilled_quantizers_are_live_not_saturated(name: str) -> None:
-    model = load_typed_model(name)
+    model = refilled(name)
     quantized = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    values = run(model, random_feed(model, 2, seed=1), quantized)[len(model.graph.output):]
-    saturated = {}
+    values = session(model, quantized).run(None, random_feed(model, 2, seed=1))[len(model.graph.output):]
+    saturated, total = {}, 0
     for tensor, value in zip(quantized, values):
         limits = np.iinfo(value.dtype)
         assert len(np.unique(value)) > 1, f"{tensor} is constant"
-        saturated[tensor] = float(np.mean((value == limits.min) | (value == limits.max)))
-    assert {t: f for t, f in saturated.items() if f > MAX_SATURATED} == {}
+        saturated[tensor] = int(np.count_nonzero((value == limits.min) | (value == limits.max)))
+        total += value.size
+    assert {t: n for (t, n), v in zip(saturated.items(), values) if n > MAX_SATURATED_IN_TENSOR * v.size} == {}
+    assert sum(saturated.values()) <= MAX_SATURATED_IN_MODEL * total
 
 
-@pytest.mark.parametrize("name", QUANTIZED)
-def test_refilled_quantized_weights_span_their_calibrated_range(name: str) -> None:
-    """Integers (or floats / scale) of every quantized conv and linear weight reach past half the
-    int8 range in every output channel and never beyond it: the tool's scales fit the refill."""
+@pytest.mark.parametrize("name", params(QUANTIZED))
+def test_refilled_quantized_weights_are_read_as_such_and_reach_the_end_of_their_range(name: str) -> None:
+    """Every conv and linear weight behind a DequantizeLinear is a quantized weight to graphopt (a
+    ModelOpt weight's QuantizeLinear and DequantizeLinear got equal scales), and its integers (or
+    floats / scale) reach the end of the int8 range in every output channel, as the tools'
+    max-abs calibration of the exported weights did, never beyond it."""
     import onnx_graphsurgeon as gs
 
-    graph = gs.import_onnx(load_typed_model(name))
-    checked = 0
-    for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or (w := weight(node.inputs[1])) is None or not w.quantized:
-            continue
+    graph = gs.import_onnx(refilled(name))
+    layers = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"]
+    assert layers
+    for node in layers:
+        w = weight(node.inputs[1])
+        assert w is not None and w.quantized, node.name
         q = w.quantization
         steps = w.stored.astype(np.float32)
         if q.quantize is not None:  # ModelOpt's form: the float weight in front of QuantizeLinear
@@ -141,10 +172,8 @@ def test_refilled_quantized_weights_span_their_calibrated_range(name: str) -> No
                 shape[q.axis] = -1
             steps = steps / q.scale.astype(np.float32).reshape(shape)
         axes = tuple(i for i in range(steps.ndim) if i != q.axis)
-        reach = np.abs(steps).max(axis=axes) if q.axis is not None else np.abs(steps).max()
-        assert (reach >= 64).all() and (reach <= 127.5).all(), f"{node.name}: {reach}"
-        checked += 1
-    assert checked > 0
+        reach = np.abs(steps).max(axis=axes)
+        assert np.allclose(reach, 127, rtol=1e-3), f"{node.name}: {reach}"
 
 
 # -- the passes on them ------------------------------------------------------------------------------
@@ -152,8 +181,7 @@ def test_refilled_quantized_weights_span_their_calibrated_range(name: str) -> No
 
 @pytest.mark.parametrize("name", params(TYPED))
 def test_all_passes_keep_outputs_equivalent_and_reach_a_fixed_point(name: str) -> None:
-    model = load_typed_model(name)
-    optimized, report = graphopt.optimize(model, "all")
+    optimized, report = graphopt.optimize(refilled(name), "all")
     assert [(p.name, p.error) for p in report.passes if p.error] == []
     assert report.equivalent, report.final
     again, second = graphopt.optimize(optimized, "all", verify=False)
