@@ -11,10 +11,11 @@ the model before and after: quantized convs whose output channels are not a mult
 FP16 forms), Gemm/MatMul with constant (quantized) weights, sibling convs reading one input.
 
 For the INT8 forms it also measures what graphopt's verification can see (issue 15, item 3):
-- a wrong quantized rewrite: one output channel's DequantizeLinear scale x1.05, in each of up to
-  SCALE_PROBES convs; how many the default verification (seeded [-1, 1] input) flags;
-- int8 rounding: how far outputs move when the input moves by a relative 1e-6 (what an exact
-  rewrite's float reordering does to the tensors in front of a QuantizeLinear).
+- a wrong quantized rewrite: one output channel's DequantizeLinear scale x1.05 (first, middle and
+  last channel of up to SCALE_PROBES convs); how many the default verification flags;
+- how much the verification input reaches the output (two seeded inputs compared), and how far
+  outputs move when the input moves by a relative 1e-6 (what an exact rewrite's float reordering
+  does to the tensors in front of a QuantizeLinear).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import onnx_graphsurgeon as gs  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.graphs import weight  # noqa: E402
 from graphopt.registry import default_order  # noqa: E402
-from graphopt.verify import Verifier, run_onnxruntime  # noqa: E402
+from graphopt.verify import Verifier, default_tolerance, make_feed, run_onnxruntime  # noqa: E402
 from tests.fixtures.zoo import load_typed_model, typed_names  # noqa: E402
 
 CANONICALIZER = "simplify"
@@ -54,6 +55,7 @@ class Census:
     dense_unaligned: int = 0  # group-1 convs whose output channels are not a multiple of `align`
     dense_unaligned_quantized: int = 0
     align: int = 16
+    dense_not8_quantized: int = 0  # of the quantized ones, not a multiple of 8 either (pad-channels' fp16 default)
     linears: int = 0  # Gemm/MatMul with a constant weight
     quantized_linears: int = 0
     sibling_groups: int = 0  # >= 2 convs reading one activation (through its Q/DQ)
@@ -77,19 +79,23 @@ class Run:
 
 @dataclass
 class Probe:
+    """What the default verification input can see on one model."""
+
+    input_dependence: float = 0.0  # max |y(feed seed 0) - y(feed seed 1)| / max |y|
+    nudge_rel_err: float = 0.0  # max |y(x (1 + INPUT_NUDGE)) - y(x)| / max |y|
     convs_probed: int = 0
     flagged: int = 0
     rel_errs: list[float] = field(default_factory=list)
-    nudge_rel_err: float = 0.0
 
 
 @dataclass
 class ModelBaseline:
     name: str
     nodes: int
+    rtol: float
     before: Census
     runs: list[Run]
-    probe: Probe | None
+    probe: Probe
 
 
 def activation_source(tensor: gs.Tensor) -> str:
@@ -113,6 +119,7 @@ def census(model: onnx.ModelProto, align: int) -> Census:
             if w is not None and node.attrs.get("group", 1) == 1 and w.shape[0] % align:
                 found.dense_unaligned += 1
                 found.dense_unaligned_quantized += quantized
+                found.dense_not8_quantized += quantized and w.shape[0] % 8 != 0
             siblings[activation_source(node.inputs[0])].append(quantized)
         elif node.op in ("Gemm", "MatMul") and w is not None:
             found.linears += 1
@@ -145,35 +152,46 @@ def run_spec(model: onnx.ModelProto, spec: str, align: int) -> Run:
     return run
 
 
-def probe_verification(model: onnx.ModelProto) -> Probe:
-    """Scale one output channel of quantized convs by SCALE_ERROR; does default verification see it?"""
-    graph = gs.import_onnx(model)
-    convs = [n for n in graph.nodes if n.op == "Conv" and (w := weight(n.inputs[1])) is not None and w.quantized]
-    picked = [convs[i] for i in np.linspace(0, len(convs) - 1, min(SCALE_PROBES, len(convs))).round().astype(int)] if convs else []
+def probe_verification(model: onnx.ModelProto, quantized: bool) -> Probe:
+    """How much the default verification input exercises `model`; for INT8 forms, whether it flags
+    one output channel's scale x SCALE_ERROR in each of up to SCALE_PROBES quantized convs."""
     verifier = Verifier(model)
     reference = verifier.reference(model)
-    probe = Probe(convs_probed=len(picked))
-    for conv in picked:
-        wrong = wrong_channel_scale(model, conv.name)
-        verdict, _ = verifier.check(reference, wrong)
-        probe.flagged += not verdict.passed
-        probe.rel_errs.append(verdict.max_rel_err)
-    nudged = {k: (v * (1 + INPUT_NUDGE)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in verifier.feed.items()}
-    moved = run_onnxruntime(model, nudged)
-    probe.nudge_rel_err = max(
-        float(np.abs(moved[k].astype(np.float64) - reference[k]).max() / max(np.abs(reference[k]).max(), 1e-30)) for k in reference
+    probe = Probe(
+        input_dependence=relative_change(reference, run_onnxruntime(model, make_feed(model, {}, seed=1))),
+        nudge_rel_err=relative_change(reference, run_onnxruntime(model, {
+            k: (v * (1 + INPUT_NUDGE)).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in verifier.feed.items()})),
     )
+    if not quantized:
+        return probe
+    graph = gs.import_onnx(model)
+    convs = [n for n in graph.nodes if n.op == "Conv" and (w := weight(n.inputs[1])) is not None and w.quantized]
+    # Up to SCALE_PROBES convs spread over the graph; in each, its first, middle and last output channel.
+    picked = [convs[i] for i in np.linspace(0, len(convs) - 1, min(SCALE_PROBES, len(convs))).round().astype(int)] if convs else []
+    probe.convs_probed = len(picked)
+    for conv in picked:
+        channels = weight(conv.inputs[1]).quantization.scale.size
+        for channel in sorted({0, channels // 2, channels - 1}):
+            verdict, _ = verifier.check(reference, wrong_channel_scale(model, conv.name, channel))
+            probe.flagged += not verdict.passed
+            probe.rel_errs.append(verdict.max_rel_err)
     return probe
 
 
-def wrong_channel_scale(model: onnx.ModelProto, conv_name: str) -> onnx.ModelProto:
-    """`model` with output channel 0 of `conv_name`'s weight dequantized with its scale x SCALE_ERROR."""
+def relative_change(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(other[k].astype(np.float64) - reference[k]).max() / max(np.abs(reference[k]).max(), 1e-30))
+               for k in reference)
+
+
+def wrong_channel_scale(model: onnx.ModelProto, conv_name: str, channel: int) -> onnx.ModelProto:
+    """`model` with one output channel of `conv_name`'s weight dequantized with its scale x SCALE_ERROR
+    (the whole weight, for a per-tensor scale)."""
     graph = gs.import_onnx(model)
     [conv] = [n for n in graph.nodes if n.name == conv_name]
     dequantize = weight(conv.inputs[1]).quantization.dequantize
     scale = np.array(dequantize.inputs[1].values, copy=True)
     flat = scale.reshape(-1)
-    flat[0] = flat[0] * SCALE_ERROR
+    flat[channel] = flat[channel] * SCALE_ERROR
     dequantize.inputs[1] = gs.Constant(f"{dequantize.inputs[1].name}_probe", scale)  # the QuantizeLinear keeps its own
     return gs.export_onnx(graph)
 
@@ -184,8 +202,8 @@ def baseline(name: str, specs: list[str]) -> ModelBaseline:
     canonical = graphopt.Pipeline([], verify=False).run(model)[0]
     quantized = "int8" in name or "qdq" in name
     return ModelBaseline(
-        name, len(model.graph.node), census(canonical, align), [run_spec(model, spec, align) for spec in specs],
-        probe_verification(canonical) if quantized else None,
+        name, len(model.graph.node), default_tolerance(canonical).rtol, census(canonical, align), [run_spec(model, spec, align) for spec in specs],
+        probe_verification(canonical, quantized),
     )
 
 
@@ -197,17 +215,19 @@ def reasons(skipped: dict[str, int]) -> str:
 def markdown(results: list[ModelBaseline], passes: list[str]) -> str:
     lines = ["## Census before (canonical input) and after `all`", "",
              "Unaligned: group-1 convs whose output channels are not a multiple of 16 (INT8 forms) or 8 (FP16 forms); "
-             "q = of them quantized. Linears: Gemm/MatMul with a constant weight. Siblings: groups of >= 2 convs "
-             "reading one activation (looking through its Q/DQ).", "",
-             "| model | nodes | convs (q) | unaligned (q) before -> after all | linears (q) before -> after all "
+             "(q) = of them quantized; q not 8 = quantized ones not a multiple of 8 either (what pad-channels' default "
+             "precision=fp16 aligns to). Linears: Gemm/MatMul with a constant weight. Siblings: groups of >= 2 convs "
+             "reading one activation (looking through its Q/DQ). `all` is run with its defaults.", "",
+             "| model | nodes | convs (q) | unaligned (q) before -> after all | q not 8 before -> after all | linears (q) before -> after all "
              "| sibling groups (q) before -> after all | all: equivalent | all: final rel err | all: s |",
-             "|---|---:|---:|---|---|---|---|---:|---:|"]
+             "|---|---:|---:|---|---|---|---|---|---:|---:|"]
     for r in results:
         b, all_run = r.before, r.runs[-1]
         a = all_run.after
         lines.append(
             f"| {r.name} | {r.nodes} | {b.convs} ({b.quantized_convs}) "
             f"| {b.dense_unaligned} ({b.dense_unaligned_quantized}) -> {a.dense_unaligned} ({a.dense_unaligned_quantized}) "
+            f"| {b.dense_not8_quantized} -> {a.dense_not8_quantized} "
             f"| {b.linears} ({b.quantized_linears}) -> {a.linears} ({a.quantized_linears}) "
             f"| {b.sibling_groups} ({b.quantized_sibling_groups}) -> {a.sibling_groups} ({a.quantized_sibling_groups}) "
             f"| {'yes' if all_run.equivalent else 'NO'} | {all_run.final_rel_err:.2g} | {all_run.seconds:.1f} |")
@@ -226,19 +246,21 @@ def markdown(results: list[ModelBaseline], passes: list[str]) -> str:
                          f"| {in_all.applied.get(graph_pass, 0)} | {a.dense_unaligned} ({a.dense_unaligned_quantized}) / "
                          f"{a.linears} ({a.quantized_linears}) / {a.sibling_groups} ({a.quantized_sibling_groups}) "
                          f"| {reasons(alone.skipped.get(graph_pass, {}))} | {counters} | {trouble} |")
-    lines += ["", "## What verification sees on INT8 graphs", "",
-              f"Wrong rewrite: output channel 0 of one quantized conv's DequantizeLinear scale x{SCALE_ERROR} (its "
-              f"QuantizeLinear unchanged), in up to {SCALE_PROBES} convs spread over the graph; the default verification "
-              f"(one seeded [-1, 1] sample, the model's default tolerance) flags it or not. Nudge: max relative output change "
-              f"when the input is scaled by 1 + {INPUT_NUDGE:g}.", "",
-              "| model | convs probed | flagged | rel err of each probe (min / median / max) | nudge rel err |",
-              "|---|---:|---:|---|---:|"]
+    lines += ["", "## What the default verification input sees", "",
+              "Input dependence: max |y(seed 0 input) - y(seed 1 input)| / max |y| (graphopt's verification feeds, "
+              f"uniform [-1, 1]). Nudge: the same when the input is scaled by 1 + {INPUT_NUDGE:g}, what an exact rewrite's "
+              "float reordering does to tensors in front of a QuantizeLinear. Wrong rewrite (INT8 forms): one output channel "
+              f"of one quantized conv's DequantizeLinear scale x{SCALE_ERROR} (its QuantizeLinear unchanged): the first, "
+              f"middle and last channel of up to {SCALE_PROBES} convs spread over the graph, each judged by the default "
+              "verification (one seeded sample, the model's default tolerance).", "",
+              "| model | tolerance (rtol) | input dependence | nudge | convs probed | wrong scales flagged / tried | rel err of the probes (min / median / max) |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        if r.probe is None:
-            continue
-        errs = np.array(r.probe.rel_errs) if r.probe.rel_errs else np.zeros(1)
-        lines.append(f"| {r.name} | {r.probe.convs_probed} | {r.probe.flagged} "
-                     f"| {errs.min():.2g} / {np.median(errs):.2g} / {errs.max():.2g} | {r.probe.nudge_rel_err:.2g} |")
+        p = r.probe
+        errs = np.array(p.rel_errs) if p.rel_errs else None
+        spread = f"{errs.min():.2g} / {np.median(errs):.2g} / {errs.max():.2g}" if errs is not None else "-"
+        probed = (str(p.convs_probed), f"{p.flagged} / {len(p.rel_errs)}") if p.convs_probed else ("-", "-")
+        lines.append(f"| {r.name} | {r.rtol:g} | {p.input_dependence:.2g} | {p.nudge_rel_err:.2g} | {probed[0]} | {probed[1]} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
