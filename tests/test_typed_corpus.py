@@ -5,8 +5,8 @@ be a valid model ONNX Runtime runs with finite, input-dependent outputs and live
 must go through `--passes all` with equivalent outputs, reaching a fixed point.
 
 The default run checks every fixture but those of the two largest models (RegNetY-400MF, MixNet-S:
-about 40 s more on two cores, ORT's CPU kernels for FP16 being slow);
-`GRAPHOPT_TYPED_CORPUS=all pytest tests/test_typed_corpus.py` checks those too.
+about 40 s more on two cores, ORT's CPU kernels for FP16 being slow), and runs each pass alone on
+the small models only; `GRAPHOPT_TYPED_CORPUS=all pytest tests/test_typed_corpus.py` does all.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import os
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import helper
 
 import graphopt
 from graphopt.graphs import weight
+from graphopt.registry import default_order
 from tests.fixtures.zoo import TYPED_DIR, load_typed_model, typed_names
 
 TYPED = typed_names()
@@ -45,9 +47,17 @@ def source(name: str) -> str:
     return name.split(".")[0]
 
 
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not RUN_ALL, reason="set GRAPHOPT_TYPED_CORPUS=all")]
+
+
 def params(names: list[str]) -> list:
-    slow = [pytest.mark.slow, pytest.mark.skipif(not RUN_ALL, reason="largest models: set GRAPHOPT_TYPED_CORPUS=all")]
-    return [pytest.param(n, marks=slow) if source(n) in SLOW_SOURCES else n for n in names]
+    return [pytest.param(n, marks=SLOW) if source(n) in SLOW_SOURCES else n for n in names]
+
+
+def pass_params() -> list:
+    """(fixture, pass) for every pass but the canonicalizer, which runs around each anyway."""
+    return [pytest.param(name, graph_pass, marks=() if source(name) in SMALL_SOURCES else SLOW)
+            for name in TYPED for graph_pass in default_order() if graph_pass != "simplify"]
 
 
 @functools.cache
@@ -158,8 +168,6 @@ def test_refilled_quantized_weights_are_read_as_such_and_reach_the_end_of_their_
     ModelOpt weight's QuantizeLinear and DequantizeLinear got equal scales), and its integers (or
     floats / scale) reach the end of the int8 range in every output channel, as the tools'
     max-abs calibration of the exported weights did, never beyond it."""
-    import onnx_graphsurgeon as gs
-
     graph = gs.import_onnx(refilled(name))
     layers = [n for n in graph.nodes if n.op in ("Conv", "Gemm", "MatMul") and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"]
     assert layers
@@ -179,6 +187,13 @@ def test_refilled_quantized_weights_are_read_as_such_and_reach_the_end_of_their_
 
 
 # -- the passes on them ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "graph_pass"), pass_params())
+def test_each_pass_alone_keeps_outputs_equivalent(name: str, graph_pass: str) -> None:
+    _, report = graphopt.optimize(refilled(name), graph_pass)
+    assert [(p.name, p.error) for p in report.passes if p.error] == []
+    assert report.equivalent, (report.rolled_back, report.final)
 
 
 @pytest.mark.parametrize("name", params(TYPED))
