@@ -4,7 +4,7 @@
 Runs in a venv of its own with nvidia-modelopt (NOT the project venv), e.g.::
 
     python3 -m venv /work/typedvenv
-    /work/typedvenv/bin/pip install "nvidia-modelopt[onnx]==0.47.0" onnxsim onnxconverter-common
+    /work/typedvenv/bin/pip install "nvidia-modelopt[onnx]==0.47.0" onnxsim
     /work/typedvenv/bin/python scripts/export_typed.py --realmodels /work/realmodels/raw
 
 Why: users bring quantized and half-precision graphs to graphopt, in the forms the common tools
@@ -33,12 +33,12 @@ import logging
 import sys
 import tempfile
 import time
-from multiprocessing import get_context
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
+from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-from onnx import helper  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 from onnx.external_data_helper import set_external_data  # noqa: E402
 
 from tests.fixtures.zoo import TYPED_DIR, load_zoo_model, refillable_initializers  # noqa: E402
@@ -157,11 +156,12 @@ def simplified(model: onnx.ModelProto) -> onnx.ModelProto:
 def strip_weights(model: onnx.ModelProto, dst: Path) -> None:
     """Save `model` to `dst` with its weights external, then delete the data file.
 
-    External: every tensor of 1 KiB or more (as scripts/export_zoo.py), and every tensor of more
-    than one element that the refill restores in meaning (weights, biases, normalization
-    parameters, quantized constants, per-channel weight and bias scales, all-zero zero points),
-    however small. Per-tensor scales (the activations' calibration) and shape-like constants stay
-    inline. value_info goes: every reader infers shapes again, and it was a fifth of the bytes.
+    External: every tensor of 1 KiB or more (as scripts/export_zoo.py) but quantization parameters
+    the refill cannot reproduce, and every tensor of more than one element that the refill restores
+    in meaning however small (weights, biases, normalization parameters, quantized constants,
+    all-zero zero points, scales defined by other scales). Inline: the tools' scales (activations'
+    and layer weights'), shape-like constants. value_info goes: every reader infers shapes again,
+    and it was a fifth of the bytes.
     """
     # The zoo's stripping rules; imported here, as export_zoo imports torch, which the tool workers need not.
     from export_zoo import SIZE_THRESHOLD, constants_to_initializers
