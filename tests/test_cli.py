@@ -25,7 +25,7 @@ def test_run_writes_a_verified_model_and_a_summary(tmp_path):
     out = tmp_path / "out.onnx"
     result = graphopt_cli("run", case_path("core/identity_weights"), "-o", out, "--report", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^simplify\s+changed\s", result.stdout, re.MULTILINE)
+    assert re.search(r"^simplify \(canonical form\)\s+changed\s", result.stdout, re.MULTILINE)
     assert "whole pipeline: equivalent on onnxruntime" in result.stdout
     assert_equivalent(load_case("core/identity_weights"), out)
     report = json.loads((tmp_path / "r.json").read_text())
