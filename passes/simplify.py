@@ -1,12 +1,14 @@
-"""simplify: constant folding and shape inference with onnxsim.
+"""simplify: the canonical form every pass assumes (onnxsim's constant folding and optimizer).
 
 Matches: the whole model. Emits: onnxsim's output, where every tensor computable ahead of time
-is an initializer and shapes are static where the inputs allow.
+is an initializer, Conv + BatchNormalization / bias / scale / zero Pad are one Conv, equal
+initializers and nodes are merged, and shapes are static where the inputs allow.
 
-Why TensorRT benefits: exporters route weights through Identity/Cast/Reshape chains and compute
-shapes at run time (Shape -> Gather -> Concat -> Reshape). Folded, the graph gives TensorRT, and
-the passes after this one, constant weights and static shapes: a Gemm whose weight arrives
-through an Identity is not provably constant to fc-to-conv until it is folded.
+The pass manager runs it before the first pass whatever the spec names, and again after every
+pass that changed the graph (ARCHITECTURE.md, "The canonical form"); naming it in a spec only
+sets its options. Why TensorRT benefits: exporters route weights through Identity/Cast chains
+and compute shapes at run time (Shape -> Gather -> Concat -> Reshape); folded, TensorRT and the
+passes see constant weights and static shapes.
 
 Declines (with a warning, never a crash) when onnxsim fails on a model: custom-domain ops it
 cannot run, an opset it does not support, a model over 2 GB.
@@ -51,7 +53,7 @@ class SimplifyOptions:
 
 class Simplify(GraphPass[SimplifyOptions]):
     name = "simplify"
-    summary = "Fold constants and infer static shapes with onnxsim."
+    summary = "The canonical form (onnxsim): runs first and after every pass that changed the graph."
     Options = SimplifyOptions
     order = 10
 
