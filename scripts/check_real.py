@@ -285,6 +285,13 @@ def failed_run(job: Job, status: str, error: str, stderr: str) -> ModelRun:
     return ModelRun(job.model, name, rows, len(lines), lines[-STDERR_KEPT_LINES:])
 
 
+def load_results(path: Path) -> tuple[list[ModelRun], dict[str, Any]]:
+    """A --json file read back, to render its markdown again without rerunning."""
+    saved = json.loads(path.read_text())
+    runs = [ModelRun(**{**run, "rows": [row_from_dict(row) for row in run["rows"]]}) for run in saved["runs"]]
+    return runs, saved["meta"]
+
+
 def row_from_dict(data: dict[str, Any]) -> Row:
     passes = [PassSummary(**p) for p in data.pop("passes")]
     idempotence = data.pop("idempotence")
@@ -405,6 +412,23 @@ def format_declines(runs: list[ModelRun]) -> list[str]:
     return lines
 
 
+def format_summary(runs: list[ModelRun]) -> list[str]:
+    rows = [row for run in runs for row in run.rows]
+    failed = [row for row in rows if row.exit_status != EXIT_OK]
+    reruns = [row.idempotence for row in rows if row.idempotence]
+    errors = [row.max_rel_err for row in rows if row.max_rel_err is not None]
+    lines = [
+        f"- {len(rows)} runs ({len(runs)} models x {len(rows) // max(len(runs), 1)} specs); "
+        f"{len(failed)} exited non-zero ({', '.join(sorted({f'{r.folder}/{r.model}' for r in failed})) or 'none'})",
+        f"- {sum(row.rollbacks for row in rows)} sites rolled back; largest error relative to output scale "
+        f"{max(errors):.1e}" if errors else "- no verified rewrite",
+        f"- second runs: {len(reruns)}, of which {sum(not i.holds for i in reruns)} changed the graph or failed, "
+        f"{sum(bool(i.changed_passes) for i in reruns)} had a pass report a change",
+        f"- {sum(1 for run in runs if run.stderr_lines)} models printed lines of their own to stderr (see the end)",
+    ]
+    return lines
+
+
 def format_markdown(runs: list[ModelRun], meta: dict[str, Any]) -> str:
     source = meta["graphopt"]
     dirty = f", uncommitted changes to {len(source['uncommitted'])} files" if source.get("uncommitted") else ""
@@ -419,6 +443,8 @@ def format_markdown(runs: list[ModelRun], meta: dict[str, Any]) -> str:
         "(listed only when it changed something). Max rel err: the largest error over every verified pass and the",
         "final check, relative to each output's largest magnitude. Rerun: the same spec on the output changes nothing",
         "(same nodes, graph structure and weights).",
+        "",
+        *format_summary(runs),
         "",
         *format_table(runs),
         "",
@@ -446,7 +472,8 @@ def one_line(err: BaseException) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="folders of .onnx models")
+    parser.add_argument("folders", nargs="*", type=Path, help="folders of .onnx models")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only write --markdown from a saved --json file")
     parser.add_argument("--specs", nargs="+", help="pipeline specs, each optionally with ' --skip PASS' (default: each pass alone, then all)")
     parser.add_argument("--only", action="append", metavar="MODEL", help="only models of this name (file stem; repeatable)")
     parser.add_argument("--shapes", type=Path, help="JSON {model: {input: [dims]}} for inputs with dynamic dims besides batch")
@@ -464,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--worker":
         return worker_main(Path(sys.argv[2]), Path(sys.argv[3]))
     args = parse_args(argv)
+    if args.render:
+        if not args.markdown:
+            raise SystemExit("check_real: error: --render needs --markdown")
+        args.markdown.write_text(format_markdown(*load_results(args.render)))
+        return 0
+    if not args.folders:
+        raise SystemExit("check_real: error: give at least one folder of .onnx models")
     specs = args.specs or default_specs()
     shapes = json.loads(args.shapes.read_text()) if args.shapes else {}
     models = find_models(args.folders, args.only)
