@@ -456,7 +456,7 @@ def format_markdown(runs: list[ModelRun], meta: dict[str, Any]) -> str:
         "",
     ]
     noisy = [run for run in runs if run.stderr_lines]
-    lines += [f"- {run.model}: {run.stderr_lines} lines, first: `{run.stderr_head[0][:200]}`" for run in noisy] or ["none"]
+    lines += [f"- {Path(run.path).parent.name}/{run.model}: {run.stderr_lines} lines, first: `{run.stderr_head[0][:200]}`" for run in noisy] or ["none"]
     return "\n".join(lines) + "\n"
 
 
