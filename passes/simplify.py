@@ -127,17 +127,18 @@ def weights_far_from_changes(model: onnx.ModelProto, since: onnx.ModelProto) -> 
     ResNet-50 after fc-to-conv, 100 MB it would otherwise copy several times (1.3 s of 1.4 s).
     Only weights of 1 KiB or more, unchanged by name and value, are held back.
     """
+    old = {t.name: t for t in since.graph.initializer}
+    new_weights = {t.name for t in model.graph.initializer if t.name not in old or t != old[t.name]}
     before = {n.SerializeToString(deterministic=True) for n in since.graph.node}
-    changed = [n for n in model.graph.node if n.SerializeToString(deterministic=True) not in before]
+    changed = [n for n in model.graph.node
+               if new_weights.intersection(n.input) or n.SerializeToString(deterministic=True) not in before]
     near = {t for n in changed for t in (*n.input, *n.output)}
     for _ in range(2):  # two steps out from every changed node
         near |= {t for n in model.graph.node if near.intersection(n.input) or near.intersection(n.output) for t in (*n.input, *n.output)}
-    old = {t.name: t for t in since.graph.initializer}
     interface = {v.name for v in [*model.graph.input, *model.graph.output]}
     return {
         t.name for t in model.graph.initializer
-        if t.name not in near and t.name not in interface and t.name in old and t.ByteSize() >= HELD_BACK_MIN_BYTES
-        and not t.data_location and t == old[t.name]
+        if t.name not in near | new_weights | interface and t.ByteSize() >= HELD_BACK_MIN_BYTES and not t.data_location
     }
 
 
