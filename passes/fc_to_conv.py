@@ -136,8 +136,9 @@ class FcToConv(GraphPass[FcToConvOptions]):
             else:
                 linears[node.name] = linear
         sites = []
+        top_level = {id(node) for node in graph.nodes}  # a tensor's readers include nodes of subgraphs
         for component in connected_components(graph, linears):
-            if (reason := flatten_before_fused_op(component)) is not None:
+            if (reason := flatten_before_fused_op(component, top_level)) is not None:
                 stats.skip(reason)
             else:
                 sites.append(Site(component.key, component))
@@ -383,7 +384,7 @@ def connected_components(graph: gs.Graph, linears: dict[str, Linear]) -> list[Co
     return [Component(tuple(nodes), {n.name: linears[n.name] for n in nodes if n.name in linears}) for nodes in groups.values()]
 
 
-def flatten_before_fused_op(component: Component) -> str | None:
+def flatten_before_fused_op(component: Component, top_level: Container[int]) -> str | None:
     """Why the site would leave a Flatten between a Conv and an op TensorRT fuses with it, or None.
 
     Looks at what reads each linear's output, and past the ops canonicalization folds into the
@@ -393,7 +394,8 @@ def flatten_before_fused_op(component: Component) -> str | None:
     for linear in component.linears.values():
         tensor = linear.output
         while True:
-            outside = [r for r in tensor.outputs if r.name not in names and r.op in FUSION_PARTNERS and r.domain in DEFAULT_DOMAINS]
+            outside = [r for r in tensor.outputs
+                       if id(r) in top_level and r.name not in names and r.op in FUSION_PARTNERS and r.domain in DEFAULT_DOMAINS]
             if outside:
                 return f"a Flatten would sit between the Conv and the {outside[0].op} TensorRT fuses with it"
             follower = tensor.outputs[0] if len(tensor.outputs) == 1 else None
