@@ -28,7 +28,8 @@ as a weight and fuses with the activation, elementwise sum or per-channel scale 
 Fusion Catalog: Convolution and ReLU/GELU/Clip/Generic Activation, Convolution and ElementWise
 Operation, Convolution and Scale). So nothing may sit between a Conv and that op: a site whose
 Conv would be followed by a Flatten and then an activation or Add it cannot carry is declined.
-No speed-up has been measured (docs/passes/fc-to-conv.md has the sources and what is known).
+No TensorRT speed-up has been measured; on cuDNN an FC head ran 0.90x (docs/passes/fc-to-conv.md
+has the sources and the numbers).
 
 Declines, counting each reason: Gemm transA=1; a runtime or quantized weight (Q/DQ support comes
 later), a MatMul of two activations (attention is never touched); a constant input, an input
@@ -128,13 +129,11 @@ class FcToConv(GraphPass[FcToConvOptions]):
             return []
         linears = {}
         for node in nodes_with_op(graph, "Gemm", "MatMul"):
-            linear = read_linear(node) if (reason := reason_not_a_linear(node)) is None else None
-            if reason is None:
-                reason = "Gemm alpha or beta would overflow the weight dtype when folded" if linear is None else self.reason_to_leave(linear)
-            if reason is not None:
-                stats.skip(reason)
+            match = self.match_linear(node)
+            if isinstance(match, str):
+                stats.skip(match)
             else:
-                linears[node.name] = linear
+                linears[node.name] = match
         sites = []
         top_level = {id(node) for node in graph.nodes}  # a tensor's readers include nodes of subgraphs
         for component in connected_components(graph, linears):
@@ -144,12 +143,17 @@ class FcToConv(GraphPass[FcToConvOptions]):
                 sites.append(Site(component.key, component))
         return sites
 
-    def reason_to_leave(self, linear: Linear) -> str | None:
-        if not self.options.token_linears and is_token_linear(linear.node):
+    def match_linear(self, node: gs.Node) -> Linear | str:
+        """The linear a Gemm/MatMul computes, or why the pass leaves it alone."""
+        if (reason := reason_not_a_linear(node)) is not None:
+            return reason
+        if (linear := read_linear(node)) is None:
+            return "Gemm alpha or beta would overflow the weight dtype when folded"
+        if not self.options.token_linears and is_token_linear(node):
             return "token-wise linear (token_linears=false)"
         if linear.source is not None and channels_broadcast_in_front(linear.source):
             return "the flattened map is a Mul that broadcasts channels (onnxsim folds it into a Conv wrongly)"
-        return None
+        return linear
 
     # -- rewrite -----------------------------------------------------------------------------------
 
@@ -243,11 +247,12 @@ def read_linear(node: gs.Node) -> Linear | None:
     """The [N, K] weight and [N] bias of a checked Gemm/MatMul, alpha and beta folded in (computed
     in float64); None when that overflows the weight's dtype (float16 ends at 65504)."""
     stored = weight(node.inputs[1]).stored
-    matrix = stored if node.op == "Gemm" and node.attrs.get("transB", 0) else stored.T
-    alpha, beta = (float(node.attrs.get(a, 1.0)) if node.op == "Gemm" else 1.0 for a in ("alpha", "beta"))
+    gemm = node.op == "Gemm"
+    matrix = stored if gemm and node.attrs.get("transB", 0) else stored.T
+    alpha, beta = (float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))) if gemm else (1.0, 1.0)
     folded = in_dtype(matrix.astype(np.float64) * alpha, stored.dtype)
     bias = None
-    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+    if gemm and len(node.inputs) > 2 and node.inputs[2].name:
         bias = in_dtype(per_channel(weight(node.inputs[2]).stored, matrix.shape[0]).astype(np.float64) * beta, stored.dtype)
         if bias is None:
             return None
@@ -311,7 +316,7 @@ def channels_broadcast_in_front(tensor: gs.Tensor) -> bool:
         data = [t for t in operands if constant_value(t) is None]
         if len(data) != 1:
             return False
-        if producer.op == "Mul" and (rank(data[0]) != 4 or data[0].shape[1] != tensor.shape[1]):
+        if producer.op == "Mul" and (rank(data[0]) != 4 or rank(tensor) != 4 or data[0].shape[1] != tensor.shape[1]):
             return True
         tensor = data[0]
     return False
