@@ -184,7 +184,7 @@ class PadChannels(GraphPass[PadChannelsOptions]):
             if channels % align == 0:
                 continue
             convs = [n for n, i in uses(tensor) if n.op == "Conv" and n.domain in DEFAULT_DOMAINS and i == 0]
-            convs = [c for c in convs if input_conv_problem(c, channels) is None]
+            convs = [c for c in convs if conv_problem(c, in_per_group=channels) is None]
             if not convs:
                 continue
             if not self.options.pad_first_layer:
@@ -232,39 +232,30 @@ class PadChannels(GraphPass[PadChannelsOptions]):
 
 def root_problem(conv: gs.Node, align: int) -> str | None:
     """Why `conv` cannot have its output channels padded, or None."""
-    if conv.attrs.get("group", 1) != 1:
-        return SKIP_GROUPED
     shape = conv.outputs[0].shape
-    if shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] % align == 0:
+    if conv.attrs.get("group", 1) == 1 and shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] % align == 0:
         return SKIP_ALIGNED  # decided before the weight is read: most convs are aligned
-    if (reason := weight_problem(conv)) is not None:
+    if (reason := conv_problem(conv)) is not None:
         return reason
     filters = weight(conv.inputs[1]).shape[0]
     if filters % align == 0:
         return SKIP_ALIGNED
-    return None if static_output(conv) and shape[1] == filters else SKIP_SHAPE
+    return None if shape[1] == filters else SKIP_SHAPE
 
 
-def input_conv_problem(conv: gs.Node, channels: int) -> str | None:
-    """Why `conv` cannot take padded input channels with zero weights, or None."""
-    if conv.attrs.get("group", 1) != 1:
+def conv_problem(conv: gs.Node, group: int = 1, in_per_group: int | None = None) -> str | None:
+    """Why `conv`'s weight cannot grow, or None: it must have `group` groups, `in_per_group` input
+    channels per group (if given), a weight and bias `weight_problem` accepts, and a static output."""
+    if conv.attrs.get("group", 1) != group:
         return SKIP_GROUPED
     if (reason := weight_problem(conv)) is not None:
         return reason
-    if weight(conv.inputs[1]).shape[1] != channels:
+    shape, out = weight(conv.inputs[1]).shape, conv.outputs[0].shape
+    if in_per_group is not None and shape[1] != in_per_group:
         return SKIP_UNKNOWN_CHANNELS
-    return None if static_output(conv) else SKIP_SHAPE
-
-
-def depthwise_problem(conv: gs.Node, channels: int) -> str | None:
-    """Why `conv` cannot carry padded channels as a depthwise conv (one filter per channel), or None."""
-    if conv.attrs.get("group", 1) != channels:
-        return SKIP_GROUPED
-    if (reason := weight_problem(conv)) is not None:
-        return reason
-    if weight(conv.inputs[1]).shape[:2] != (channels, 1):
-        return SKIP_GROUPED
-    return None if static_output(conv) else SKIP_SHAPE
+    if out is None or len(out) != len(shape) or not all(isinstance(d, int) and d >= 0 for d in out[1:]):
+        return SKIP_SHAPE
+    return None
 
 
 def weight_problem(conv: gs.Node) -> str | None:
@@ -282,13 +273,6 @@ def weight_problem(conv: gs.Node) -> str | None:
     if has_bias(conv) and ((bias := weight(conv.inputs[2])) is None or bias.quantized or bias.dtype not in FLOAT_DTYPES):
         return SKIP_BIAS
     return None
-
-
-def static_output(conv: gs.Node) -> bool:
-    """Whether the output's channels and spatial sizes are known (FLOPs need them)."""
-    shape = conv.outputs[0].shape
-    return (shape is not None and len(shape) == len(weight(conv.inputs[1]).shape)
-            and all(isinstance(d, int) and d >= 0 for d in shape[1:]))
 
 
 def has_bias(conv: gs.Node) -> bool:
@@ -376,7 +360,7 @@ class Reach:
         return name
 
     def follow(self) -> None:
-        while self.queue or self.carry_pairs():
+        while self.queue:
             tensor = self.queue.popleft()
             channels = self.channels[tensor.name]
             for node, index in uses(tensor):
@@ -387,10 +371,11 @@ class Reach:
                     self.readers.append((node, index, decision))
                     if decision.role in (Role.CARRY, Role.DEPTHWISE):
                         self.add(node.outputs[0], channels, joined_to=tensor.name)
+            if not self.queue:
+                self.carry_pairs()
 
-    def carry_pairs(self) -> bool:
-        """Carry the binary ops whose operands are all reached now; whether there was one."""
-        carried = False
+    def carry_pairs(self) -> None:
+        """Carry the binary ops whose operands are all reached now (their outputs join the queue)."""
         for name, (node, channels) in list(self.pairs.items()):
             operands = [i for i, t in enumerate(node.inputs) if channel_dim(t, node) == channels]
             if all(self.channels.get(node.inputs[i].name) == channels for i in operands):
@@ -398,8 +383,6 @@ class Reach:
                 for i in operands:
                     self.readers.append((node, i, CARRY))
                     self.add(node.outputs[0], channels, joined_to=node.inputs[i].name)
-                carried = True
-        return carried
 
 
 def tensor_problem(graph: gs.Graph, site: ChannelSite) -> str | None:
@@ -439,9 +422,9 @@ def classify(graph: gs.Graph, node: gs.Node, index: int, channels: int) -> Decis
     if op in NEUTRAL_FILL:
         return classify_binary(node, index, channels)
     if op == "Conv" and index == 0:
-        if input_conv_problem(node, channels) is None:
+        if conv_problem(node, in_per_group=channels) is None:
             return Decision(Role.ABSORB_CONV)
-        return Decision(Role.DEPTHWISE) if depthwise_problem(node, channels) is None else SLICE
+        return Decision(Role.DEPTHWISE) if conv_problem(node, group=channels, in_per_group=1) is None else SLICE
     if op == "Split" and index == 0:
         return Decision(Role.ABSORB_SPLIT) if split_sizes(node, channels) else SLICE
     return SLICE
@@ -466,7 +449,7 @@ def classify_qdq(node: gs.Node, index: int, channels: int) -> Decision:
         return SLICE
     scale = constant_value(node.inputs[1])
     if scale is None:
-        return CARRY if node.inputs[1].shape is not None and math.prod(node.inputs[1].shape) == 1 and len(node.inputs[1].shape) <= 1 else SLICE
+        return SLICE
     if scale.ndim == 0 or (scale.shape == (1,) and channels != 1):
         return CARRY  # per-tensor: the same elementwise function on every channel
     rank = len(node.inputs[0].shape or ())
@@ -512,12 +495,9 @@ def classify_binary(node: gs.Node, index: int, channels: int) -> Decision:
 
 
 def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
-    """Every (reader, input index) of `tensor`, each once."""
-    readers: list[gs.Node] = []
-    for node in tensor.outputs:
-        if all(node is not r for r in readers):
-            readers.append(node)
-    return [(node, i) for node in readers for i, t in enumerate(node.inputs) if t is tensor]
+    """Every (reader, input index) of `tensor`, each once (a node reading it twice is listed twice in outputs)."""
+    found = {(id(node), i): (node, i) for node in tensor.outputs for i, t in enumerate(node.inputs) if t is tensor}
+    return list(found.values())
 
 
 def channel_dim(tensor: gs.Tensor, reader: gs.Node) -> int | None:
@@ -643,8 +623,7 @@ def swap_in_padded_tensor(graph: gs.Graph, tensor: gs.Variable, site: ChannelSit
     Keeping the original tensor object for the unpadded readers keeps graph outputs' names,
     dtypes and shapes exactly.
     """
-    padded = gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype,
-                         shape=[tensor.shape[0], site.padded, *tensor.shape[2:]])
+    padded = padded_variable(graph, tensor, site.padded)
     producer = tensor.inputs[0]
     producer.outputs[[i for i, t in enumerate(producer.outputs) if t is tensor][0]] = padded
     for node, index in site.padded_uses[tensor.name]:
@@ -663,8 +642,7 @@ def pad_graph_input(graph: gs.Graph, tensor: gs.Variable, site: ChannelSite) -> 
     rank = len(tensor.shape)
     pads = np.zeros(2 * rank, dtype=np.int64)
     pads[rank + 1] = site.padded - site.channels  # end of axis 1
-    padded = gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype,
-                         shape=[tensor.shape[0], site.padded, *tensor.shape[2:]])
+    padded = padded_variable(graph, tensor, site.padded)
     graph.nodes.append(gs.Node(
         "Pad", unique_name(graph, f"{tensor.name}_pad_channels"),
         inputs=[tensor, make_constant(graph, f"{tensor.name}_pads", pads),
@@ -673,6 +651,11 @@ def pad_graph_input(graph: gs.Graph, tensor: gs.Variable, site: ChannelSite) -> 
     ))
     for conv in site.input_convs:
         conv.inputs[0] = padded
+
+
+def padded_variable(graph: gs.Graph, tensor: gs.Variable, channels: int) -> gs.Variable:
+    return gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype,
+                       shape=[tensor.shape[0], channels, *tensor.shape[2:]])
 
 
 def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
@@ -690,19 +673,16 @@ def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
     if q is None:
         conv.inputs[1] = make_constant(graph, stem, pad_axis(conv_weight.stored, axis, size, 0.0))
         return
-    scale, zero_point = q.scale, q.zero_point
-    if axis == 0 and q.axis == 0:
-        # New filters have their own scale and zero point: (0 - 0) * 1 = 0.
-        stored = pad_axis(conv_weight.stored, 0, size, 0)
-        scale, zero_point = pad_axis(scale, 0, size, 1.0), pad_axis(zero_point, 0, size, 0)
-    elif q.quantize is not None:
-        stored = pad_axis(conv_weight.stored, axis, size, 0.0)  # a float 0 quantizes to the zero point
-    else:
-        # Each new integer is its filter's zero point, which dequantizes to (zp - zp) * s = 0.
-        fill = zero_point.reshape((-1,) + (1,) * (conv_weight.stored.ndim - 1)) if q.per_channel else zero_point.reshape(())
-        stored = pad_axis(conv_weight.stored, axis, size, fill)
+    new_filters = axis == 0 and q.axis == 0  # with their own scale 1 and zero point 0: (0 - 0) * 1 = 0
+    if new_filters or q.quantize is not None:
+        fill = 0  # a float 0 quantizes to the zero point
+    else:  # each new integer is its filter's zero point: (zp - zp) * s = 0
+        fill = q.zero_point.reshape((-1,) + (1,) * (conv_weight.stored.ndim - 1)) if q.per_channel else q.zero_point.reshape(())
+    stored = pad_axis(conv_weight.stored, axis, size, fill)
+    scale = pad_axis(q.scale, 0, size, 1.0) if new_filters else q.scale
+    zero_point = pad_axis(q.zero_point, 0, size, 0) if new_filters else q.zero_point
     parameters = [make_constant(graph, f"{stem}_scale", scale), make_constant(graph, f"{stem}_zero_point", zero_point)]
-    source: gs.Tensor = make_constant(graph, f"{stem}_q" if q.quantize is None else f"{stem}_float", stored)
+    source: gs.Tensor = make_constant(graph, f"{stem}_stored", stored)
     if q.quantize is not None:
         source = quantization_node(graph, q.quantize, [source, *parameters], zero_point.dtype, stored.shape)
     conv.inputs[1] = quantization_node(graph, q.dequantize, [source, *parameters], scale.dtype, stored.shape)
