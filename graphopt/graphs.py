@@ -412,3 +412,16 @@ def live_channels(weight: Weight, axis: int, bias: np.ndarray | None = None) -> 
         live = live | (bias != 0)
     read = np.flatnonzero(live)
     return int(read[-1]) + 1 if read.size else stored.shape[axis]
+
+
+def set_split_sizes(graph: gs.Graph, split: gs.Node, sizes: Sequence[int]) -> None:
+    """Give a Split explicit sizes: an int64 input from opset 13 on, the `split` attribute before."""
+    split.attrs.pop("num_outputs", None)
+    if opset_version(graph) < 13:
+        split.attrs["split"] = [int(s) for s in sizes]
+        return
+    tensor = make_constant(graph, f"{split.name}_sizes", np.array(sizes, dtype=np.int64))
+    if len(split.inputs) > 1:
+        split.inputs[1] = tensor
+    else:
+        split.inputs.append(tensor)

@@ -47,7 +47,6 @@ import onnx_graphsurgeon as gs
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
-    Weight,
     equal_constants,
     export_like,
     is_graph_output,
@@ -55,6 +54,7 @@ from graphopt.graphs import (
     make_constant,
     node_names,
     nodes_with_op,
+    set_split_sizes,
     sole_consumer,
     unique_name,
     used_in_subgraph,
@@ -67,7 +67,6 @@ ACTIVATIONS = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
     "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Gelu",
 })
-SPLIT_SIZES_AS_INPUT = 13  # Split takes its sizes as an input from opset 13, an attribute before
 FP16_ALIGNMENT = 8  # channels tensor cores want at FP16 (docs/passes/merge-convs.md)
 
 QUANTIZED = "quantized weight (Q/DQ): quantized siblings are not merged"
@@ -114,6 +113,8 @@ class ConvInfo:
     in_spatial: tuple[int, ...]
     out_spatial: tuple[int, ...]
     activation: gs.Node | None  # the elementwise activation that alone reads the output
+    live_out: int  # output and input channels that compute something (graphs.live_channels)
+    live_in: int
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -137,14 +138,6 @@ class ConvInfo:
 
     def last_tap(self, axis: int) -> int:
         return -self.begin[axis] + (self.kernel[axis] - 1) * self.dilations[axis]
-
-    @property
-    def live_out(self) -> int:
-        return live_channels(Weight(self.weight), 0, self.bias)
-
-    @property
-    def live_in(self) -> int:
-        return live_channels(Weight(self.weight), 1)
 
     @property
     def flops(self) -> int:
@@ -309,14 +302,9 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
     # -- vertical: rounds until nothing is left ----------------------------------------------------
 
     def apply(self, model: onnx.ModelProto, only: Collection[str] | None = None) -> PassResult:
-        """With `vertical`, find and rewrite sites in rounds until a round finds none.
-
-        A composed Conv reads the 1x1's input, where it can have siblings; a merge leaves one
-        reader behind a 1x1. Rewrites that build on each other (a round reads a node an earlier
-        round made) are one site for the pass manager, named by the input nodes they replace; while
-        it bisects, the rounds are replayed keeping only the chosen sites' rewrites. Without
-        `vertical` no rewrite makes a new site, and one round is all there is.
-        """
+        """With `vertical`, rewrite in rounds until a round finds no site (a composition or merge can
+        make a new one). Rewrites that build on each other are one site for the pass manager;
+        while it bisects, the rounds are replayed keeping only the chosen sites' rewrites."""
         if not self.options.vertical:
             return super().apply(model, only)
         allowed = None
@@ -438,13 +426,14 @@ def has_bias(conv: gs.Node) -> bool:
 
 def describe_conv(graph: gs.Graph, conv: gs.Node) -> ConvInfo:
     """Read out a Conv that passed `conv_problem`."""
-    values = weight(conv.inputs[1]).stored
-    spatial = values.ndim - 2
+    conv_weight = weight(conv.inputs[1])
+    bias = weight(conv.inputs[2]).stored if has_bias(conv) else None
+    spatial = len(conv_weight.shape) - 2
     pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * spatial)]
     return ConvInfo(
         node=conv,
-        weight=values,
-        bias=weight(conv.inputs[2]).stored if has_bias(conv) else None,
+        weight=conv_weight.stored,
+        bias=bias,
         begin=tuple(pads[:spatial]),
         end=tuple(pads[spatial:]),
         strides=tuple(int(s) for s in conv.attrs.get("strides", [1] * spatial)),
@@ -452,6 +441,8 @@ def describe_conv(graph: gs.Graph, conv: gs.Node) -> ConvInfo:
         in_spatial=tuple(int(d) for d in conv.inputs[0].shape[2:]),
         out_spatial=tuple(int(d) for d in conv.outputs[0].shape[2:]),
         activation=activation_of(graph, conv.outputs[0]),
+        live_out=live_channels(conv_weight, 0, bias),
+        live_in=live_channels(conv_weight, 1),
     )
 
 
@@ -474,15 +465,9 @@ def same_op(a: gs.Node | None, b: gs.Node | None) -> bool:
 
 
 def by_activation(convs: list[ConvInfo]) -> list[list[ConvInfo]]:
-    """The siblings that may merge: all of them, or, when they end differently, each class alike.
-
-    TensorRT fuses a Conv with the activation after it; merged with a sibling that ends
-    differently, a Conv reaches its activation through the Split, unfused. When every sibling is
-    already aligned, that is all the merge changes (TensorRT merges same-kernel siblings itself),
-    so only siblings that end alike merge. A narrow sibling (a detection head's 4-channel box
-    conv beside the 80-class conv) merges anyway: aligning it, as part of the merged width
-    pad-channels pads, is the measured gain.
-    """
+    """The siblings that may merge: all of them when one is narrow (aligning it is the gain), else
+    each class that ends in the same activation (the Split must not part a Conv from the
+    activation TensorRT would fuse it with)."""
     classes: list[list[ConvInfo]] = []
     for conv in convs:
         same = next((members for members in classes if same_op(members[0].activation, conv.activation)), None)
@@ -585,7 +570,8 @@ def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> No
                                  inputs=[merged, *act.inputs[1:]], outputs=[activated]))
         merged = activated
     if concat is None:
-        new_nodes.append(split_node(graph, merged, tails, [c.out_channels for c in convs], stem))
+        new_nodes.append(gs.Node("Split", unique_name(graph, f"{stem}_split"), {"axis": 1}, inputs=[merged], outputs=tails))
+        set_split_sizes(graph, new_nodes[-1], [c.out_channels for c in convs])
     graph.nodes.extend(new_nodes)
 
     stats.counters["convs_merged"] += len(convs)
@@ -605,16 +591,6 @@ def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> No
         "activation": activations[0].op if activations else None,
         "concat_dropped": concat is not None,
     })
-
-
-def split_node(graph: gs.Graph, source: gs.Tensor, outputs: list[gs.Tensor], sizes: list[int], stem: str) -> gs.Node:
-    attrs: dict = {"axis": 1}
-    inputs = [source]
-    if graph.opset >= SPLIT_SIZES_AS_INPUT:
-        inputs.append(make_constant(graph, f"{stem}_split_sizes", np.array(sizes, dtype=np.int64)))
-    else:
-        attrs["split"] = list(sizes)
-    return gs.Node("Split", unique_name(graph, f"{stem}_split"), attrs, inputs=inputs, outputs=list(outputs))
 
 
 def compose_chain(graph: gs.Graph, chain: ConvChain, stats: PassStats) -> None:

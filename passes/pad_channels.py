@@ -54,6 +54,7 @@ from graphopt.graphs import (
     make_constant,
     nodes_with_op,
     opset_version,
+    set_split_sizes,
     unique_name,
     used_in_subgraph,
     weight,
@@ -109,9 +110,8 @@ class PadChannelsOptions:
 
 @dataclass(frozen=True)
 class ConstantPad:
-    """Input `index` of `node` is a constant that grows along `axis` with `fill`."""
+    """The reader's input `index` is a constant that grows along `axis` with `fill`."""
 
-    node: gs.Node
     index: int
     axis: int
     fill: float
@@ -136,13 +136,12 @@ class ChannelSite:
     roots: list[gs.Node] = field(default_factory=list)  # convs whose outputs grow, with zero filters
     graph_input: gs.Variable | None = None  # or the graph input a Pad grows (pad_first_layer)
     tensors: list[gs.Variable] = field(default_factory=list)  # tensors whose channel axis grows
-    padded_uses: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)  # readers of the padded tensor
-    constant_pads: list[ConstantPad] = field(default_factory=list)
-    input_convs: list[gs.Node] = field(default_factory=list)  # get zero input weights
-    depthwise: list[gs.Node] = field(default_factory=list)  # carried: zero filters, group = padded
-    splits: list[gs.Node] = field(default_factory=list)  # get an extra, unread output
-    sliced: list[str] = field(default_factory=list)  # tensors whose other readers get a Slice
+    readers: list[Reader] = field(default_factory=list)  # who reads a site tensor padded, and how
+    sliced: list[str] = field(default_factory=list)  # tensors still read unpadded: a Slice writes them
     costs: list[ConvCost] = field(default_factory=list)  # measured before any site is rewritten
+
+    def readers_as(self, role: Role) -> list[gs.Node]:
+        return [reader.node for reader in self.readers if reader.decision.role is role]
 
 
 class PadChannels(GraphPass[PadChannelsOptions]):
@@ -191,7 +190,8 @@ class PadChannels(GraphPass[PadChannelsOptions]):
                 for _ in convs:
                     stats.skip(SKIP_FIRST_LAYER)
                 continue
-            site = ChannelSite(channels, round_up(channels, align), graph_input=tensor, input_convs=convs)
+            site = ChannelSite(channels, round_up(channels, align), graph_input=tensor,
+                               readers=[Reader(conv, 0, Decision(Role.ABSORB_CONV)) for conv in convs])
             site.costs = site_costs(site)
             if (reason := self.overhead_problem(site.costs)) is not None:
                 stats.skip(reason)
@@ -213,8 +213,8 @@ class PadChannels(GraphPass[PadChannelsOptions]):
             stats.counters["input_channels_padded"] += grown
         else:
             stats.counters["channels_padded"] += len(padding.roots) * grown
-        for counter, count in (("slices_inserted", len(padding.sliced)), ("split_outputs_added", len(padding.splits)),
-                               ("depthwise_convs_carried", len(padding.depthwise))):
+        for counter, count in (("slices_inserted", len(padding.sliced)), ("split_outputs_added", len(padding.readers_as(Role.ABSORB_SPLIT))),
+                               ("depthwise_convs_carried", len(padding.readers_as(Role.DEPTHWISE)))):
             if count:
                 stats.counters[counter] += count
         before, after = total_flops(padding.costs)
@@ -294,7 +294,16 @@ class Role(Enum):
 @dataclass(frozen=True)
 class Decision:
     role: Role
-    pads: tuple[ConstantPad, ...] = ()
+    pads: tuple[ConstantPad, ...] = ()  # constant inputs that grow with the channels
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Input `index` of `node` reads a site tensor, and takes it padded as `decision` says."""
+
+    node: gs.Node
+    index: int
+    decision: Decision
 
 
 SLICE = Decision(Role.SLICE)
@@ -314,17 +323,8 @@ def plan_sites(graph: gs.Graph, roots: list[gs.Node], align: int) -> list[tuple[
         site.roots.append(root)
     for name, tensor in reach.tensors.items():
         sites[reach.find(name)].tensors.append(tensor)
-        sites[reach.find(name)].padded_uses[name] = []
-    for node, index, decision in reach.readers:
-        site = sites[reach.find(node.inputs[index].name)]
-        site.padded_uses[node.inputs[index].name].append((node, index))
-        site.constant_pads.extend(decision.pads)
-        if decision.role is Role.ABSORB_CONV:
-            site.input_convs.append(node)
-        elif decision.role is Role.ABSORB_SPLIT:
-            site.splits.append(node)
-        elif decision.role is Role.DEPTHWISE:
-            site.depthwise.append(node)
+    for reader in reach.readers:
+        sites[reach.find(reader.node.inputs[reader.index].name)].readers.append(reader)
     for site in sites.values():
         site.sliced = [t.name for t in site.tensors if needs_slice(graph, site, t)]
     return [(site, tensor_problem(graph, site)) for site in sites.values()]
@@ -343,7 +343,7 @@ class Reach:
         self.tensors: dict[str, gs.Variable] = {}  # reached tensors, in the order reached
         self.channels: dict[str, int] = {}  # the true channel count of each
         self.parent: dict[str, str] = {}
-        self.readers: list[tuple[gs.Node, int, Decision]] = []  # who reads a reached tensor padded
+        self.readers: list[Reader] = []  # who reads a reached tensor padded
         self.pairs: dict[str, tuple[gs.Node, int]] = {}  # binary ops waiting for their other operand
         self.queue: deque[gs.Variable] = deque()
 
@@ -368,7 +368,7 @@ class Reach:
                 if decision.role is Role.PAIR:
                     self.pairs[node.name] = (node, channels)
                 elif decision.role is not Role.SLICE:
-                    self.readers.append((node, index, decision))
+                    self.readers.append(Reader(node, index, decision))
                     if decision.role in (Role.CARRY, Role.DEPTHWISE):
                         self.add(node.outputs[0], channels, joined_to=tensor.name)
             if not self.queue:
@@ -381,7 +381,7 @@ class Reach:
             if all(self.channels.get(node.inputs[i].name) == channels for i in operands):
                 del self.pairs[name]
                 for i in operands:
-                    self.readers.append((node, i, CARRY))
+                    self.readers.append(Reader(node, i, CARRY))
                     self.add(node.outputs[0], channels, joined_to=node.inputs[i].name)
 
 
@@ -397,7 +397,7 @@ def tensor_problem(graph: gs.Graph, site: ChannelSite) -> str | None:
 
 def needs_slice(graph: gs.Graph, site: ChannelSite, tensor: gs.Variable) -> bool:
     """Whether the tensor is a graph output or has a reader that does not take it padded."""
-    padded = {(id(node), index) for node, index in site.padded_uses[tensor.name]}
+    padded = {(id(reader.node), reader.index) for reader in site.readers}
     return is_graph_output(graph, tensor) or any((id(node), index) not in padded for node, index in uses(tensor))
 
 
@@ -441,7 +441,7 @@ def classify_batchnorm(graph: gs.Graph, node: gs.Node, index: int, channels: int
     params = [constant_value(node.inputs[k]) if len(node.inputs) > k else None for k in BATCHNORM_FILL]
     if any(p is None or p.shape != (channels,) for p in params):
         return SLICE
-    return Decision(Role.CARRY, tuple(ConstantPad(node, k, 0, fill) for k, fill in BATCHNORM_FILL.items()))
+    return Decision(Role.CARRY, tuple(ConstantPad(k, 0, fill) for k, fill in BATCHNORM_FILL.items()))
 
 
 def classify_qdq(node: gs.Node, index: int, channels: int) -> Decision:
@@ -455,12 +455,12 @@ def classify_qdq(node: gs.Node, index: int, channels: int) -> Decision:
     rank = len(node.inputs[0].shape or ())
     if rank < 3 or scale.shape != (channels,) or node.attrs.get("axis", 1) % rank != 1:
         return SLICE
-    pads = [ConstantPad(node, 1, 0, 1.0)]
+    pads = [ConstantPad(1, 0, 1.0)]
     if len(node.inputs) > 2 and node.inputs[2].name:
         zero_point = constant_value(node.inputs[2])
         if zero_point is None or zero_point.shape != (channels,):
             return SLICE
-        pads.append(ConstantPad(node, 2, 0, 0.0))
+        pads.append(ConstantPad(2, 0, 0.0))
     return Decision(Role.CARRY, tuple(pads))
 
 
@@ -481,7 +481,7 @@ def classify_binary(node: gs.Node, index: int, channels: int) -> Decision:
             return CARRY
         if value.shape[axis] != channels:
             return SLICE
-        return Decision(Role.CARRY, (ConstantPad(node, 1 - index, axis, NEUTRAL_FILL[node.op]),))
+        return Decision(Role.CARRY, (ConstantPad(1 - index, axis, NEUTRAL_FILL[node.op]),))
     if node.op == "Div" or other.shape is None or len(other.shape) > rank:
         return SLICE
     if other is padded:
@@ -552,16 +552,11 @@ def split_sizes(split: gs.Node, channels: int) -> list[int] | None:
 
 def site_costs(site: ChannelSite) -> list[ConvCost]:
     """Before/after FLOPs of every conv a site touches (a conv may grow on both axes)."""
-    convs: list[gs.Node] = []
-    for conv in [*site.roots, *site.input_convs, *site.depthwise]:
-        if all(conv is not c for c in convs):
-            convs.append(conv)
-    return [
-        conv_cost(conv, site.padded,
-                  grows_out=any(conv is c for c in [*site.roots, *site.depthwise]),
-                  grows_in=any(conv is c for c in [*site.input_convs, *site.depthwise]))
-        for conv in convs
-    ]
+    depthwise, input_convs = site.readers_as(Role.DEPTHWISE), site.readers_as(Role.ABSORB_CONV)
+    grows_out = {id(c) for c in [*site.roots, *depthwise]}
+    grows_in = {id(c) for c in [*input_convs, *depthwise]}
+    touched = {id(c): c for c in [*site.roots, *input_convs, *depthwise]}
+    return [conv_cost(conv, site.padded, key in grows_out, key in grows_in) for key, conv in touched.items()]
 
 
 def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> ConvCost:
@@ -602,16 +597,18 @@ def pad_site(graph: gs.Graph, site: ChannelSite) -> None:
         pad_graph_input(graph, site.graph_input, site)
     for conv in site.roots:
         pad_conv(graph, conv, axis=0, size=site.padded)
-    for conv in site.input_convs:
-        pad_conv(graph, conv, axis=1, size=site.padded)
-    for conv in site.depthwise:
-        pad_conv(graph, conv, axis=0, size=site.padded)
-        conv.attrs["group"] = site.padded
-    for pad in site.constant_pads:
-        grown = pad_axis(constant_value(pad.node.inputs[pad.index]), pad.axis, site.padded, pad.fill)
-        pad.node.inputs[pad.index] = make_constant(graph, f"{pad.node.name}_padded_{pad.index}", grown)
-    for split in site.splits:
-        add_split_output(graph, split, site.channels, site.padded)
+    for reader in site.readers:
+        node, role = reader.node, reader.decision.role
+        for pad in reader.decision.pads:
+            grown = pad_axis(constant_value(node.inputs[pad.index]), pad.axis, site.padded, pad.fill)
+            node.inputs[pad.index] = make_constant(graph, f"{node.name}_padded_{pad.index}", grown)
+        if role is Role.ABSORB_CONV:
+            pad_conv(graph, node, axis=1, size=site.padded)
+        elif role is Role.DEPTHWISE:
+            pad_conv(graph, node, axis=0, size=site.padded)
+            node.attrs["group"] = site.padded
+        elif role is Role.ABSORB_SPLIT:
+            add_split_output(graph, node, site.channels, site.padded)
     sliced = set(site.sliced)
     for tensor in site.tensors:
         swap_in_padded_tensor(graph, tensor, site, slice_back=tensor.name in sliced)
@@ -626,8 +623,9 @@ def swap_in_padded_tensor(graph: gs.Graph, tensor: gs.Variable, site: ChannelSit
     padded = padded_variable(graph, tensor, site.padded)
     producer = tensor.inputs[0]
     producer.outputs[[i for i, t in enumerate(producer.outputs) if t is tensor][0]] = padded
-    for node, index in site.padded_uses[tensor.name]:
-        node.inputs[index] = padded
+    for reader in site.readers:
+        if reader.node.inputs[reader.index] is tensor:
+            reader.node.inputs[reader.index] = padded
     if slice_back:
         def ints(stem: str, value: int) -> gs.Constant:
             return make_constant(graph, f"{tensor.name}_{stem}", np.array([value], dtype=np.int64))
@@ -649,7 +647,7 @@ def pad_graph_input(graph: gs.Graph, tensor: gs.Variable, site: ChannelSite) -> 
                 make_constant(graph, f"{tensor.name}_pad_value", np.zeros((), dtype=tensor.dtype))],
         outputs=[padded],
     ))
-    for conv in site.input_convs:
+    for conv in site.readers_as(Role.ABSORB_CONV):
         conv.inputs[0] = padded
 
 
@@ -698,16 +696,7 @@ def quantization_node(graph: gs.Graph, like: gs.Node, inputs: list[gs.Tensor], d
 def add_split_output(graph: gs.Graph, split: gs.Node, channels: int, padded: int) -> None:
     sizes = split_sizes(split, channels)
     assert sizes is not None, f"{split.name}: split sizes changed since find_sites"
-    sizes.append(padded - channels)
-    if opset_version(graph) >= 13:
-        split.attrs.pop("num_outputs", None)
-        sizes_tensor = make_constant(graph, f"{split.name}_sizes_padded", np.array(sizes, dtype=np.int64))
-        if len(split.inputs) > 1:
-            split.inputs[1] = sizes_tensor
-        else:
-            split.inputs.append(sizes_tensor)
-    else:
-        split.attrs["split"] = sizes
+    set_split_sizes(graph, split, [*sizes, padded - channels])
     split.outputs.append(gs.Variable(unique_name(graph, f"{split.name}_channel_padding"), dtype=split.inputs[0].dtype))
 
 
