@@ -14,23 +14,22 @@ Concat on axis 1, the merged Conv writes the Concat's output and neither Split n
 reads it, when that does not grow the FLOPs; rewrites make new sites, so it works in rounds.
 
 Why TensorRT benefits: TensorRT merges siblings itself only when their kernels are identical and
-they are not Q/DQ (NVIDIA/TensorRT#501, #1602); a fire module's 1x1 + 3x3 stays two kernels there.
-Measured on cuDNN FP16 (not TensorRT), one conv for 2-3 siblings ran 1.1x-2.9x faster per layer,
-SqueezeNet 1.27x (H100, batch 1) and SqueezeNet 1.1 1.34x (H200). A merge that adds zero taps
-grows FLOPs: `max_flop_growth` (2.0) keeps it to what was measured to pay (the fire module, 1.8x).
-An unaligned merged width (80 + 4 + 1) paid only once padded, so this pass runs before
-pad-channels. Aligned siblings merge only when they end in the same activation, so the Split never
-parts a Conv from the activation TensorRT would fuse it with. The report gives each site's FLOPs
-before and after. Derivations and evidence: docs/passes/merge-convs.md.
+they are not Q/DQ (NVIDIA/TensorRT#501, #1602), so a fire module's 1x1 + 3x3 stays two kernels.
+On cuDNN FP16 (not TensorRT) one conv for 2-3 siblings ran 1.1x-2.9x faster per layer, SqueezeNet
+1.27x (H100) and 1.34x (SqueezeNet 1.1, H200). Zero taps grow FLOPs: `max_flop_growth` (2.0) keeps
+merges to what was measured to pay (the fire module, 1.8x). An unaligned merged width (80 + 4 + 1)
+paid only once padded, so this pass runs before pad-channels. Aligned siblings merge only when
+they end in the same activation, so the Split never parts a Conv from the activation TensorRT
+would fuse it with. The report gives each site's FLOPs before and after. Derivations and
+evidence: docs/passes/merge-convs.md.
 
 Declines, counted by reason: runtime or quantized (Q/DQ) weights (each sibling's output
-quantization would sit behind the Split, where TensorRT cannot fuse it; merging them needs equal
-output scales, not implemented), group != 1, auto_pad, dtypes other than float32/float16, unknown
-spatial shapes, an output read in a subgraph; siblings whose strides, dilations, tap lattice or
-output shape differ; an aligned sibling whose activation no other sibling shares; a group over
-`max_flop_growth` (siblings with identical windows in it still merge), over `max_out_channels`, or
-under `min_siblings`. FLOP decisions count live channels only (graphs.live_channels): the zero
-filters pad-channels adds would otherwise turn a decline into a merge when `all` runs again.
+quantization would sit behind the Split, unfused; not implemented), group != 1, auto_pad, dtypes
+other than float32/float16, unknown spatial shapes, an output read in a subgraph; siblings whose
+strides, dilations, tap lattice or output shape differ; an aligned sibling whose activation no
+other sibling shares; a group over `max_flop_growth` (siblings with identical windows in it still
+merge) or `max_out_channels`, or under `min_siblings`. FLOP decisions count live channels only:
+pad-channels' zero filters would otherwise turn a decline into a merge when `all` runs again.
 """
 
 from __future__ import annotations

@@ -345,6 +345,7 @@ class Reach:
         self.parent: dict[str, str] = {}
         self.readers: list[Reader] = []  # who reads a reached tensor padded
         self.pairs: dict[str, tuple[gs.Node, int]] = {}  # binary ops waiting for their other operand
+        self.paired: set[str] = set()  # binary ops carried
         self.queue: deque[gs.Variable] = deque()
 
     def add(self, tensor: gs.Variable, channels: int, joined_to: str | None = None) -> None:
@@ -366,7 +367,8 @@ class Reach:
             for node, index in uses(tensor):
                 decision = classify(self.graph, node, index, channels)
                 if decision.role is Role.PAIR:
-                    self.pairs[node.name] = (node, channels)
+                    if node.name not in self.paired:
+                        self.pairs[node.name] = (node, channels)
                 elif decision.role is not Role.SLICE:
                     self.readers.append(Reader(node, index, decision))
                     if decision.role in (Role.CARRY, Role.DEPTHWISE):
@@ -378,8 +380,9 @@ class Reach:
         """Carry the binary ops whose operands are all reached now (their outputs join the queue)."""
         for name, (node, channels) in list(self.pairs.items()):
             operands = [i for i, t in enumerate(node.inputs) if channel_dim(t, node) == channels]
-            if all(self.channels.get(node.inputs[i].name) == channels for i in operands):
+            if operands and all(self.channels.get(node.inputs[i].name) == channels for i in operands):
                 del self.pairs[name]
+                self.paired.add(name)
                 for i in operands:
                     self.readers.append(Reader(node, i, CARRY))
                     self.add(node.outputs[0], channels, joined_to=node.inputs[i].name)
@@ -562,22 +565,23 @@ def site_costs(site: ChannelSite) -> list[ConvCost]:
 def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> ConvCost:
     """FLOPs of `conv` before and after its outputs and/or inputs grow to `padded` channels.
 
-    Input channels the site leaves alone count as far as they are read: the zero input weights
-    an earlier run added are not work, or the next run would judge the same site cheaper and
-    pad it after all (fuzz_regressions/conv_chain_with_residual).
+    Channels the site leaves alone count as far as they compute something: the zero filters and
+    zero input weights an earlier site added are not work, or the next run would judge a site
+    that touches the same conv cheaper and pad it after all (tests: "earlier site").
     """
     conv_weight = weight(conv.inputs[1])
     out_channels, in_per_group = conv_weight.shape[:2]
     group = conv.attrs.get("group", 1)
+    bias = weight(conv.inputs[2]).stored if has_bias(conv) else None
     per_channel_pair = 2 * math.prod(conv_weight.shape[2:]) * math.prod(conv.outputs[0].shape[2:])
-    in_before = in_per_group if grows_in or group != 1 else live_channels(conv_weight, axis=1)
-    out_after = padded if grows_out else out_channels
-    in_after = padded if grows_in and group == 1 else in_before
+    live_out = out_channels if grows_out else live_channels(conv_weight, 0, bias)
+    live_in = in_per_group if grows_in or group != 1 else live_channels(conv_weight, 1)
     return ConvCost(
         conv.name,
-        (out_channels, out_after),
+        (out_channels, padded if grows_out else out_channels),
         (in_per_group * group, padded if grows_in else in_per_group * group),
-        (per_channel_pair * out_channels * in_before, per_channel_pair * out_after * in_after),
+        (per_channel_pair * live_out * live_in,
+         per_channel_pair * (padded if grows_out else live_out) * (padded if grows_in and group == 1 else live_in)),
     )
 
 

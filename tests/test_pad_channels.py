@@ -272,6 +272,21 @@ def test_is_idempotent():
     assert_unchanged(out, PadChannels(), reason=SKIP_ALIGNED)
 
 
+def test_counts_no_zero_filters_an_earlier_site_added_as_work():
+    # Otherwise a second run would judge {conv_1, conv_2} cheaper (10.3x, not 12.6x) and pad it.
+    model = load_case("pad_channels/residual_pair_before_a_padded_conv")
+    out, record = assert_rewrites_equivalently(model, PadChannels(max_overhead=11))
+    assert record.sites_applied == ["conv:conv_3"] and record.skipped[SKIP_OVERHEAD] == 1
+    again = assert_unchanged(out, PadChannels(max_overhead=11), reason=SKIP_OVERHEAD)
+    assert again.skipped[SKIP_OVERHEAD] == 1
+
+
+def test_pads_two_roots_whose_outputs_meet_as_one_site():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/residual_pair_before_a_padded_conv"), PadChannels(max_overhead=13))
+    assert record.sites_applied == ["conv:conv_1,conv_2", "conv:conv_3"]
+    assert conv_weight(out, "conv_2").shape == (8, 8, 1, 1) and conv_weight(out, "conv_3").shape == (8, 8, 1, 1)
+
+
 # -- alignment and options --------------------------------------------------------------------------
 
 
