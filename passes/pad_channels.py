@@ -567,7 +567,7 @@ def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> Co
 
     Channels the site leaves alone count as far as they compute something: the zero filters and
     zero input weights an earlier site added are not work, or the next run would judge a site
-    that touches the same conv cheaper and pad it after all (tests: "earlier site").
+    that touches the same conv cheaper and pad it after all (docs/passes/pad-channels.md).
     """
     conv_weight = weight(conv.inputs[1])
     out_channels, in_per_group = conv_weight.shape[:2]
