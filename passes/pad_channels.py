@@ -441,30 +441,29 @@ def only_first_output_read(graph: gs.Graph, node: gs.Node) -> bool:
 def classify_batchnorm(graph: gs.Graph, node: gs.Node, index: int, channels: int) -> Decision:
     if index != 0 or node.attrs.get("training_mode", 0) or not only_first_output_read(graph, node):
         return SLICE
-    params = [constant_value(node.inputs[k]) if len(node.inputs) > k else None for k in BATCHNORM_FILL]
-    if any(p is None or p.shape != (channels,) for p in params):
-        return SLICE
-    return Decision(Role.CARRY, tuple(ConstantPad(k, 0, fill) for k, fill in BATCHNORM_FILL.items()))
+    return per_channel_parameters(node, channels, BATCHNORM_FILL)
 
 
 def classify_qdq(node: gs.Node, index: int, channels: int) -> Decision:
-    if index != 0 or node.attrs.get("block_size", 0):
-        return SLICE
     scale = constant_value(node.inputs[1])
-    if scale is None:
+    if index != 0 or node.attrs.get("block_size", 0) or scale is None:
         return SLICE
     if scale.ndim == 0 or (scale.shape == (1,) and channels != 1):
         return CARRY  # per-tensor: the same elementwise function on every channel
     rank = len(node.inputs[0].shape or ())
-    if rank < 3 or scale.shape != (channels,) or node.attrs.get("axis", 1) % rank != 1:
+    if rank < 3 or node.attrs.get("axis", 1) % rank != 1:
         return SLICE
-    pads = [ConstantPad(1, 0, 1.0)]
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        zero_point = constant_value(node.inputs[2])
-        if zero_point is None or zero_point.shape != (channels,):
+    has_zero_point = len(node.inputs) > 2 and bool(node.inputs[2].name)
+    return per_channel_parameters(node, channels, {1: 1.0, 2: 0.0} if has_zero_point else {1: 1.0})
+
+
+def per_channel_parameters(node: gs.Node, channels: int, fills: dict[int, float]) -> Decision:
+    """Carry, growing these inputs with these values, when each is a constant of one value a channel."""
+    for k in fills:
+        value = constant_value(node.inputs[k]) if len(node.inputs) > k else None
+        if value is None or value.shape != (channels,):
             return SLICE
-        pads.append(ConstantPad(2, 0, 0.0))
-    return Decision(Role.CARRY, tuple(pads))
+    return Decision(Role.CARRY, tuple(ConstantPad(k, 0, fill) for k, fill in fills.items()))
 
 
 def classify_binary(node: gs.Node, index: int, channels: int) -> Decision:
