@@ -61,7 +61,7 @@ def test_merges_a_fire_module_and_drops_the_split_and_the_concat():
     assert record.counters["concats_dropped"] == 1 and record.counters["activations_shared"] == 2
 
 
-def test_reports_each_merges_flops_before_and_after():
+def test_reports_the_flops_of_each_merge_before_and_after():
     _, record = assert_rewrites_equivalently(load_case("merge_convs/fire_module"), MergeConvs())
     [merge] = record.details
     pixels = 9 * 9
