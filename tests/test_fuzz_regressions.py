@@ -96,8 +96,9 @@ def test_all_converges_when_onnxsim_reorders_constant_nodes():
 def test_vertical_merge_composes_and_merges_the_new_siblings_in_one_run():
     model = load_case("fuzz_regressions/pointwise_chain_beside_sibling")
     out, report = Pipeline([MergeConvs(vertical=True)], fixed_point=True).run(model)
-    assert [p.sites_applied for p in report.passes] == [["conv_a,conv_b,conv_c"], []]
-    assert report.passes[0].counters["chains_composed"] == 1 and report.passes[0].counters["convs_merged"] == 2
+    merges = [p for p in report.passes if p.name == "merge-convs"]
+    assert [p.sites_applied for p in merges] == [["conv_a,conv_b,conv_c"], []]
+    assert merges[0].counters["chains_composed"] == 1 and merges[0].counters["convs_merged"] == 2
     assert op_counts(out) == {"Conv": 1, "Split": 1}
     assert report.equivalent
 
@@ -229,12 +230,12 @@ def test_a_mean_beside_an_output_mean_of_the_same_map_shares_its_pool():
     assert op_counts(out) == {"GlobalAveragePool": 1, "Squeeze": 1}
 
 
-def test_elementwise_readers_of_a_padded_graph_output_read_its_slice():
+def test_equal_readers_of_a_padded_graph_output_are_merged_by_the_canonicalization_after_pad_channels():
+    # pad-channels carries both Relus on the padded map; the canonicalization after it merges them
+    # (once they no longer write graph outputs), in the same run, so a second run finds nothing.
     out, _ = optimize(load_case("fuzz_regressions/relu_twice_after_conv_output"), "all")
-    slices = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Slice"}
-    assert [n.input[0] for n in out.graph.node if n.op_type == "Relu"] == ["c", "r", "r"]
-    assert set(slices) == {"c"}
-
+    assert op_counts(out) == {"Conv": 1, "Relu": 2, "Slice": 4}
+    assert [o.name for o in out.graph.output] == ["c", "r", "a", "b"]
 
 
 def test_fc_to_conv_leaves_a_scaled_map_that_two_linears_read_in_front_of_both_convs():
