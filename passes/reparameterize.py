@@ -20,7 +20,7 @@ such siblings into a wider Conv + Split + Add instead (RepVGG-A0: 3.03 -> 5.44 G
 this pass runs first in `all`, so no summed siblings are left for it.
 
 Declines (counted by reason): a branch with runtime or quantized weights, auto_pad other than
-NOTSET, a dtype other than float32/float16 or mixed dtypes; branches with different strides,
+NOTSET, a dtype other than float32/float16; branches with different strides,
 dilations, group or channels, taps off one lattice, pads giving different output sizes; an
 identity branch of a strided Conv or with other in/out channel counts; a summed tensor that is
 read elsewhere, is a graph output or is read inside a subgraph; Add operands of unknown or
@@ -148,8 +148,8 @@ class Reparameterize(GraphPass):
     def rewrite_site(self, graph: gs.Graph, site: Site, stats: PassStats) -> None:
         merge: Merge = site.payload
         out = merge.root.outputs[0]
-        first_conv = next(b.nodes[0] for b in merge.branches if b.is_conv)
-        stem = f"{first_conv.name}_reparameterized"
+        widest = max((b for b in merge.branches if b.is_conv), key=lambda b: math.prod(b.kernel))
+        stem = f"{widest.nodes[0].name}_reparameterized"
         for node in merge.adds + [n for b in merge.branches for n in b.nodes]:
             node.outputs.clear()
         inputs = [merge.source, make_constant(graph, f"{stem}_weight", merge.weight)]
@@ -194,17 +194,17 @@ def is_summand(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 
 
 def add_tree(graph: gs.Graph, root: gs.Node) -> tuple[list[gs.Node], list[gs.Tensor]]:
-    """The Adds of the tree rooted at `root` and the tensors it sums (one entry per use)."""
+    """The Adds of the tree rooted at `root` and the tensors it sums, left to right (one entry per use)."""
     adds, leaves, pending = [], [], [root]
     while pending:
-        add = pending.pop()
-        adds.append(add)
-        for operand in add.inputs:
-            producer = operand.inputs[0] if len(operand.inputs) == 1 else None
-            if producer is not None and producer.op == "Add" and producer.domain in DEFAULT_DOMAINS and is_summand(graph, operand):
-                pending.append(producer)
-            else:
-                leaves.append(operand)
+        item = pending.pop()
+        if isinstance(item, gs.Node):
+            adds.append(item)
+            pending.extend(reversed(item.inputs))
+        elif producer_op(item) == "Add" and is_summand(graph, item):
+            pending.append(item.inputs[0])
+        else:
+            leaves.append(item)
     return adds, leaves
 
 
@@ -309,11 +309,10 @@ def conv_branch(conv: gs.Node) -> Branch | str:
 def identity_branch(source: gs.Tensor, batchnorm: gs.Node | None) -> Branch | str:
     """x, or BatchNormalization(x) = s x + t, as a 1x1 kernel [C, 1, 1...] of scales and a bias;
     `summed` places scale c where output channel c reads input channel c."""
-    shape, dtype = source.shape, np.dtype(source.dtype) if source.dtype is not None else None
-    if shape is None or len(shape) < 3 or not isinstance(shape[1], (int, np.integer)):
-        return "identity branch: rank or channel count unknown"
-    if dtype not in FLOAT_DTYPES:
-        return "identity branch: dtype is not float32 or float16"
+    shape, dtype = source.shape, source.dtype  # x's dtype is the Convs' (ONNX types Conv's X and W alike)
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], (int, np.integer)) or dtype is None:
+        return "identity branch: rank, channel count or dtype unknown"
+    dtype = np.dtype(dtype)
     channels, spatial = int(shape[1]), len(shape) - 2
     scale, shift = np.ones(channels), np.zeros(channels)
     if batchnorm is not None:
@@ -343,37 +342,47 @@ def batchnorm_affine(batchnorm: gs.Node) -> tuple[np.ndarray, np.ndarray]:
 def branches_incompatible(source: gs.Tensor, branches: list[Branch]) -> str | None:
     convs = [b for b in branches if b.is_conv]
     first = convs[0]
-    if any((b.strides, b.dilations, b.group) != (first.strides, first.dilations, first.group) for b in convs):
-        return "branches differ in strides, dilations or group"
-    if any(b.weight.shape[:2] != first.weight.shape[:2] for b in convs) or any(b.dtype != first.dtype for b in branches):
-        return "branches differ in channels or dtype"
-    if len(convs) < len(branches):
-        if any(s != 1 for s in first.strides):
-            return "identity branch beside a strided Conv"
-        if first.weight.shape[0] != first.weight.shape[1] * first.group:
-            return "identity branch beside a Conv with other in/out channel counts"
-    if len({tuple(-begin % d for begin, d in zip(b.begin, first.dilations)) for b in branches}) != 1:
+    if any((b.strides, b.group) != (first.strides, first.group) for b in convs):
+        return "branches differ in strides or group"
+    dilations = window_dilations(convs)
+    if dilations is None:
+        return "branches differ in dilations"
+    if len(convs) < len(branches) and any(s != 1 for s in first.strides):
+        return "identity branch beside a strided Conv"
+    if len({tuple(-begin % d for begin, d in zip(b.begin, dilations)) for b in branches}) != 1:
         return "kernels do not lie on one tap lattice"
-    if len({output_sizes(source, b, first) for b in branches}) != 1:
+    lengths = source.shape[2:]
+    if not all(isinstance(n, (int, np.integer)) for n in lengths):
+        return "input spatial sizes are not static"
+    if len({output_lengths([int(n) for n in lengths], b, dilations, first.strides) for b in branches}) != 1:
         return "branch pads give different output sizes"
     return None
 
 
-def output_sizes(source: gs.Tensor, branch: Branch, conv: Branch) -> tuple:
-    """A branch's output lengths for this input when it is static, else for every input length:
-    L_out = (L + span - 1) // stride + 1, so equal spans (and strides) give equal lengths."""
-    spans = tuple(b + e - d * (k - 1) for b, e, d, k in zip(branch.begin, branch.end, conv.dilations, branch.kernel))
-    lengths = source.shape[2:]
-    if all(isinstance(n, (int, np.integer)) for n in lengths):
-        return tuple((int(n) + span - 1) // s + 1 for n, span, s in zip(lengths, spans, conv.strides))
-    return spans
+def window_dilations(convs: list[Branch]) -> tuple[int, ...] | None:
+    """The dilation of each axis, shared by every kernel longer than 1 there (a single tap has
+    none: timm's 1x1 beside a dilated 3x3 keeps dilation 1); None when they differ."""
+    dilations = []
+    for axis in range(len(convs[0].begin)):
+        used = {b.dilations[axis] for b in convs if b.kernel[axis] > 1}
+        if len(used) > 1:
+            return None
+        dilations.append(used.pop() if used else 1)
+    return tuple(dilations)
+
+
+def output_lengths(lengths: list[int], branch: Branch, dilations: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(
+        (n + b + e - d * (k - 1) - 1) // s + 1
+        for n, b, e, d, k, s in zip(lengths, branch.begin, branch.end, dilations, branch.kernel, strides)
+    )
 
 
 def summed(source: gs.Tensor, branches: list[Branch], root: gs.Node, adds: list[gs.Node], others: list[gs.Tensor]) -> Merge | str:
     """The Conv that computes the branches' sum: the window covering every branch's taps."""
     convs = [b for b in branches if b.is_conv]
     first = convs[0]
-    dilations, axes = first.dilations, range(len(first.dilations))
+    dilations, axes = window_dilations(convs), range(len(first.begin))
     start = [min(-b.begin[a] for b in branches) for a in axes]  # first tap, relative to the output's origin
     stop = [max(-b.begin[a] + (b.kernel[a] - 1) * dilations[a] for b in branches) for a in axes]  # last tap
     kernel = [(stop[a] - start[a]) // dilations[a] + 1 for a in axes]
