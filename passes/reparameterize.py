@@ -12,20 +12,23 @@ Emits one Conv on x whose kernel is the sum of the branch kernels, each zero-pad
 window that covers them all, and whose bias is the sum of the biases (each BatchNormalization
 folded first). It writes the Add tree's output tensor, so a graph output keeps its name.
 
-Why TensorRT benefits: a training-form block runs two to six convolutions where one gives the
-same output; TensorRT fuses the residual Add into a convolution but does not sum parallel
-branches. Reparameterized as timm does, PyTorch ran RepVGG-A0 2.1-2.7x and MobileOne-S0 5.4-6.9x
-faster on an H200 (shared/evidence/h200-reparam-probe.md; not TensorRT). merge-convs would merge
-such siblings into a wider Conv + Split + Add instead (RepVGG-A0: 3.03 -> 5.44 GFLOPs, issue 17);
-this pass runs first in `all`, so no summed siblings are left for it.
+Why TensorRT benefits: a training-form block runs a convolution per branch where one gives the
+same output. TensorRT fuses one elementwise sum into a convolution (a builder log shows
+"conv2 + sum" beside a separate convolution: NVIDIA forum t/288714), and a TensorRT 7.1 build
+merged sibling convolutions feeding Relus but not those summed by an Add (forum t/168691).
+Reparameterized as timm does, PyTorch ran RepVGG-A0 2.1-2.7x and MobileOne-S0 5.4-6.9x faster on
+an H200 (shared/evidence/h200-reparam-probe.md; FP16 cuDNN, not TensorRT). merge-convs would make
+the siblings one wider Conv + Split + Add instead (RepVGG-A0: 3.03 -> 5.44 GFLOPs, issue 17);
+this pass runs before it in `all` (RepVGG-A0: 3.03 -> 2.72 GFLOPs, MobileOne-S0: 2.10 -> 0.55).
 
 Declines (counted by reason): a branch with runtime or quantized weights, auto_pad other than
-NOTSET, a dtype other than float32/float16; branches with different strides,
-dilations, group or channels, taps off one lattice, pads giving different output sizes; an
-identity branch of a strided Conv or with other in/out channel counts; a summed tensor that is
-read elsewhere, is a graph output or is read inside a subgraph; Add operands of unknown or
-different shapes (broadcasting); a merged kernel with more taps than the Convs had together
-(1x3 + 3x1 -> 3x3: the FLOPs would grow); summed weights that overflow float16.
+NOTSET, a dtype other than float32/float16, a BatchNormalization that is no constant per-channel
+affine; branches with different strides, group or dilations (a kernel of length 1 has none),
+taps off one lattice, pads giving different output sizes; an identity branch beside a strided
+Conv; a summed tensor that is read elsewhere, is a graph output or is read inside a subgraph;
+Add operands of unknown or different shapes (broadcasting, an identity of other channels); a
+merged kernel with more taps than the Convs had together (1x3 + 3x1 -> 3x3: the FLOPs would
+grow); summed weights that overflow float16; Convs summed with no sibling on their input.
 
 The tap geometry, the pads of the merged Conv and the identity kernel are derived in
 docs/passes/reparameterize.md.
@@ -34,7 +37,6 @@ docs/passes/reparameterize.md.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -98,8 +100,13 @@ class Merge:
     adds: list[gs.Node]
     others: list[gs.Tensor]  # summands that stay (not on x)
     weight: np.ndarray
-    bias: np.ndarray
+    bias: np.ndarray | None
     attrs: dict
+    positions: int  # output positions per image (for FLOPs)
+
+    def flops(self, weight_shape: tuple[int, ...]) -> int:
+        """2 x multiply-accumulates per image, as graphopt.flops counts a Conv."""
+        return 2 * self.positions * math.prod(weight_shape)
 
 
 class Reparameterize(GraphPass):
@@ -176,8 +183,8 @@ class Reparameterize(GraphPass):
             "kernel": list(merge.weight.shape[2:]),
             "pads": list(merge.attrs["pads"]),
             "summands_kept": len(merge.others),
-            "flops_before": sum(conv_flops(out, b.weight.shape) for b in convs),
-            "flops_after": conv_flops(out, merge.weight.shape),
+            "flops_before": sum(merge.flops(b.weight.shape) for b in convs),
+            "flops_after": merge.flops(merge.weight.shape),
         })
 
 
@@ -406,12 +413,5 @@ def summed(source: gs.Tensor, branches: list[Branch], root: gs.Node, adds: list[
         return "summed weights overflow the dtype"
     attrs = {"kernel_shape": kernel, "pads": [-s for s in start] + end, "strides": list(first.strides),
              "dilations": list(dilations), "group": first.group}
-    return Merge(source, branches, root, adds, others, cast_weight, cast_bias if np.any(bias) else None, attrs)
-
-
-def conv_flops(output: gs.Tensor, weight_shape: tuple[int, ...]) -> int | None:
-    """2 x multiply-accumulates at batch 1 (as graphopt.flops counts them), None if not static."""
-    spatial = output.shape[2:] if output.shape is not None else [None]
-    if not all(isinstance(n, (int, np.integer)) for n in spatial):
-        return None
-    return 2 * weight_shape[0] * math.prod(int(n) for n in spatial) * math.prod(weight_shape[1:])
+    positions = math.prod(output_lengths([int(n) for n in source.shape[2:]], first, dilations, first.strides))
+    return Merge(source, branches, root, adds, others, cast_weight, cast_bias if np.any(bias) else None, attrs, positions)
