@@ -316,10 +316,12 @@ def conv_branch(conv: gs.Node) -> Branch | str:
 def identity_branch(source: gs.Tensor, batchnorm: gs.Node | None) -> Branch | str:
     """x, or BatchNormalization(x) = s x + t, as a 1x1 kernel [C, 1, 1...] of scales and a bias;
     `summed` places scale c where output channel c reads input channel c."""
-    shape, dtype = source.shape, source.dtype  # x's dtype is the Convs' (ONNX types Conv's X and W alike)
-    if shape is None or len(shape) < 3 or not isinstance(shape[1], (int, np.integer)) or dtype is None:
-        return "identity branch: rank, channel count or dtype unknown"
-    dtype = np.dtype(dtype)
+    shape = source.shape
+    if shape is None or len(shape) < 3 or not isinstance(shape[1], (int, np.integer)):
+        return "identity branch: rank or channel count unknown"
+    if source.dtype not in FLOAT_DTYPES:  # graphsurgeon gives an ONNX type number for bfloat16
+        return "identity branch: dtype is not float32 or float16"
+    dtype = np.dtype(source.dtype)
     channels, spatial = int(shape[1]), len(shape) - 2
     scale, shift = np.ones(channels), np.zeros(channels)
     if batchnorm is not None:

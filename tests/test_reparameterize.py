@@ -189,6 +189,7 @@ def test_runs_in_all_after_fc_to_conv_and_before_merge_convs():
     ("flops_grow", FLOPS_GROW),
     ("fp16_overflow", "summed weights overflow the dtype"),
     ("auto_pad_same", "auto_pad is not NOTSET"),
+    ("bfloat16_block", "identity branch: dtype is not float32 or float16"),
     ("off_lattice", "kernels do not lie on one tap lattice"),
 ])
 def test_leaves_a_sum_alone_and_counts_why(case, reason):
