@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
-    constant_value,
+    in_dtype,
     is_graph_output,
     make_constant,
     node_names,
@@ -53,8 +53,8 @@ from graphopt.graphs import (
     unique_name,
     used_in_subgraph,
 )
+from graphopt.graphs import weight as graph_weight
 from graphopt.passbase import GraphPass, PassStats, Site
-from graphopt.passes.fc_to_conv import batchnorm_not_in_inference_form, batchnorm_parameters_not_foldable, in_dtype
 
 FLOPS_GROW = "merged kernel has more taps than the summed Convs together (FLOPs would grow)"
 DIFFERENT_INPUTS = "summed Convs read different inputs"
@@ -63,8 +63,10 @@ READ_ELSEWHERE = "a summed tensor is read elsewhere, is a graph output or is rea
 
 
 def constant_of(tensor: gs.Tensor) -> np.ndarray | None:
-    """The one place this pass reads a constant (weights, biases, BatchNormalization parameters)."""
-    return constant_value(tensor)
+    """The one place this pass reads a constant (weights, biases, BatchNormalization parameters).
+    A quantized weight reads as None: summing kernels would need their scales to agree."""
+    found = graph_weight(tensor)
+    return found.stored if found is not None and not found.quantized else None
 
 
 @dataclass(frozen=True)
@@ -286,30 +288,30 @@ def conv_branch(conv: gs.Node) -> Branch | str:
     auto_pad = conv.attrs.get("auto_pad", "NOTSET")
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
         return "auto_pad is not NOTSET"
-    weight = constant_of(conv.inputs[1]) if len(conv.inputs) > 1 else None
-    if weight is None:
+    kernel = constant_of(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if kernel is None:
         quantized = len(conv.inputs) > 1 and producer_op(conv.inputs[1]) == "DequantizeLinear"
         return "quantized weight (Q/DQ)" if quantized else "weight is not a constant"
-    if weight.dtype not in FLOAT_DTYPES:
+    if kernel.dtype not in FLOAT_DTYPES:
         return "weight dtype is not float32 or float16"
     has_bias = len(conv.inputs) > 2 and bool(conv.inputs[2].name)
-    bias = constant_of(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], weight.dtype)
+    bias = constant_of(conv.inputs[2]) if has_bias else np.zeros(kernel.shape[0], kernel.dtype)
     if bias is None:
         return "bias is not a constant"
-    if bias.dtype != weight.dtype or bias.shape != weight.shape[:1]:
+    if bias.dtype != kernel.dtype or bias.shape != kernel.shape[:1]:
         return "bias dtype or shape differs from the weight's"
-    spatial = weight.ndim - 2
-    if spatial < 1 or conv.inputs[0].shape is None or len(conv.inputs[0].shape) != weight.ndim:
+    spatial = kernel.ndim - 2
+    if spatial < 1 or conv.inputs[0].shape is None or len(conv.inputs[0].shape) != kernel.ndim:
         return "unknown rank, or a weight with no spatial axes"
     pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * spatial)]
     strides = tuple(int(v) for v in conv.attrs.get("strides", [1] * spatial))
     dilations = tuple(int(v) for v in conv.attrs.get("dilations", [1] * spatial))
-    kernel_shape = list(conv.attrs.get("kernel_shape", weight.shape[2:]))
-    if kernel_shape != list(weight.shape[2:]) or len(pads) != 2 * spatial or len(strides) != spatial or len(dilations) != spatial:
+    kernel_shape = list(conv.attrs.get("kernel_shape", kernel.shape[2:]))
+    if kernel_shape != list(kernel.shape[2:]) or len(pads) != 2 * spatial or len(strides) != spatial or len(dilations) != spatial:
         return "kernel_shape, pads, strides or dilations do not match the weight"
     if min(pads) < 0 or min(strides) < 1 or min(dilations) < 1:
         return "negative pads or non-positive strides or dilations"
-    return Branch((conv,), weight.dtype, weight.astype(np.float64), bias.astype(np.float64),
+    return Branch((conv,), kernel.dtype, kernel.astype(np.float64), bias.astype(np.float64),
                   tuple(pads[:spatial]), tuple(pads[spatial:]), strides, dilations, int(conv.attrs.get("group", 1)))
 
 
@@ -334,8 +336,19 @@ def identity_branch(source: gs.Tensor, batchnorm: gs.Node | None) -> Branch | st
 
 def batchnorm_not_foldable(batchnorm: gs.Node, channels: int, dtype: np.dtype) -> str | None:
     """Why a BatchNormalization is no per-channel scale and shift of `channels` in `dtype`."""
-    reason = batchnorm_not_in_inference_form(batchnorm) or batchnorm_parameters_not_foldable(batchnorm, np.empty(channels, dtype))
-    return f"BatchNormalization: {reason}" if reason is not None else None
+    if batchnorm.attrs.get("training_mode", 0) or len(batchnorm.outputs) != 1:
+        return "BatchNormalization: training mode"
+    if batchnorm.attrs.get("spatial", 1) != 1 or len(batchnorm.inputs) != 5:
+        return "BatchNormalization: not the per-channel form (spatial=1, five inputs)"
+    values = [constant_of(t) for t in batchnorm.inputs[1:5]]
+    if any(v is None for v in values):
+        return "BatchNormalization: scale, bias, mean or variance is not a constant"
+    if any(v.shape != (channels,) or v.dtype != dtype for v in values):
+        return "BatchNormalization: parameters are not one per channel in the Conv's dtype"
+    variance = values[3].astype(np.float64) + float(batchnorm.attrs.get("epsilon", 1e-5))
+    if not all(np.all(np.isfinite(v)) for v in values) or np.any(variance <= 0):
+        return "BatchNormalization: parameters are not finite, or variance + epsilon is not positive"
+    return None
 
 
 def batchnorm_affine(batchnorm: gs.Node) -> tuple[np.ndarray, np.ndarray]:

@@ -138,7 +138,8 @@ def test_keeps_the_dilation_of_a_dilated_kernel_beside_a_1x1_and_x():
 
 
 def test_folds_the_batchnorm_after_each_branch():
-    out, record = assert_rewrites_equivalently(load_case("reparameterize/branch_batchnorms"), Reparameterize())
+    # Canonicalization would fold each Conv's BatchNormalization first (onnxsim's fuse_bn_into_conv).
+    out, record = assert_rewrites_equivalently(load_case("reparameterize/branch_batchnorms"), Reparameterize(), canonicalize=False)
     assert op_counts(out) == {"Conv": 1}
     assert record.counters["batchnorms_folded"] == 2 and record.counters["identity_branches"] == 1
 
@@ -189,6 +190,7 @@ def test_runs_in_all_after_fc_to_conv_and_before_merge_convs():
     ("flops_grow", FLOPS_GROW),
     ("fp16_overflow", "summed weights overflow the dtype"),
     ("auto_pad_same", "auto_pad is not NOTSET"),
+    ("runtime_batchnorm", "BatchNormalization: scale, bias, mean or variance is not a constant"),
     ("bfloat16_block", "identity branch: dtype is not float32 or float16"),
     ("off_lattice", "kernels do not lie on one tap lattice"),
 ])
