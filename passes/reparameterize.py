@@ -8,9 +8,9 @@ Matches an Add tree (Adds whose inner results feed only the next Add) summing, f
 At least one Conv and two branches on x. Other summands (a residual from elsewhere) stay, added
 after the merged Conv.
 
-Emits one Conv on x whose kernel is the sum of the branch kernels, each zero-padded into the
-window that covers them all, and whose bias is the sum of the biases (each BatchNormalization
-folded first). It writes the Add tree's output tensor, so a graph output keeps its name.
+Emits one Conv on x: kernel = the branch kernels summed, each zero-padded into the window that
+covers them all; bias = the biases summed (BatchNormalizations folded first). It writes the Add
+tree's output tensor, so a graph output keeps its name.
 
 Why TensorRT benefits: a training-form block runs a convolution per branch where one gives the
 same output. TensorRT fuses one elementwise sum into a convolution (a builder log shows
@@ -195,11 +195,9 @@ class Reparameterize(GraphPass):
 
 def is_summand(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     """Whether an Add's output only feeds one more Add of the tree (so it vanishes with the tree)."""
-    reader = tensor.outputs[0] if len(tensor.outputs) == 1 else None
-    return (
-        reader is not None and reader.op == "Add" and reader.domain in DEFAULT_DOMAINS
-        and not is_graph_output(graph, tensor) and not used_in_subgraph(graph, tensor)
-    )
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add" or tensor.outputs[0].domain not in DEFAULT_DOMAINS:
+        return False
+    return not is_graph_output(graph, tensor) and not used_in_subgraph(graph, tensor)
 
 
 def add_tree(graph: gs.Graph, root: gs.Node) -> tuple[list[gs.Node], list[gs.Tensor]]:
@@ -394,10 +392,8 @@ def window_dilations(convs: list[Branch]) -> tuple[int, ...] | None:
 
 
 def output_lengths(lengths: list[int], branch: Branch, dilations: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(
-        (n + b + e - d * (k - 1) - 1) // s + 1
-        for n, b, e, d, k, s in zip(lengths, branch.begin, branch.end, dilations, branch.kernel, strides)
-    )
+    return tuple((n + b + e - d * (k - 1) - 1) // s + 1
+                 for n, b, e, d, k, s in zip(lengths, branch.begin, branch.end, dilations, branch.kernel, strides))
 
 
 def summed(source: gs.Tensor, branches: list[Branch], root: gs.Node, adds: list[gs.Node], others: list[gs.Tensor]) -> Merge | str:
