@@ -277,6 +277,14 @@ def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant
     return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
+def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Weights computed in float64, cast to `dtype`; None where a finite value overflows it
+    (float16 ends at 65504), so that a fold declines instead of writing Inf."""
+    with np.errstate(over="ignore"):  # overflow is what this checks for
+        cast = values.astype(dtype)
+    return None if np.any(np.isinf(cast) & np.isfinite(values)) else cast
+
+
 def unique_name(graph: gs.Graph, stem: str) -> str:
     """A tensor or node name unused anywhere in the graph, its subgraphs included.
 
