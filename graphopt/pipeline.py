@@ -125,9 +125,9 @@ class Pipeline:
         steps = [p for p in self.passes if p is not canonicalizer]
         report.canonicalize = canonicalizer is not None
 
-        def run_step(graph_pass: GraphPass, iteration: int, after: str | None = None) -> PassRecord:
+        def run_step(graph_pass: GraphPass, iteration: int, after: str | None = None, since: onnx.ModelProto | None = None) -> PassRecord:
             nonlocal working, reference, flops
-            working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops)
+            working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops, since)
             record.after = after
             collect()
             flops = record.flops_after
@@ -143,12 +143,13 @@ class Pipeline:
                 changed = False
                 for index, graph_pass in enumerate(steps, 1):
                     self.progress(f"[{index}/{len(steps)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
+                    before = working
                     record = run_step(graph_pass, iteration)
                     changed |= record.changed
                     if record.changed and canonicalizer is not None:
                         # The canonical form is re-established after every change, so the next
                         # pass may assume it and a second run finds nothing left to fold.
-                        changed |= run_step(canonicalizer, iteration, after=graph_pass.name).changed
+                        changed |= run_step(canonicalizer, iteration, after=graph_pass.name, since=before).changed
                 if not (self.fixed_point and changed):
                     break
 
@@ -165,16 +166,18 @@ class Pipeline:
 
     def _run_pass(
         self, graph_pass: GraphPass, base: onnx.ModelProto, reference: Outputs | None, verifier: Verifier | None, iteration: int,
-        flops_before: int,
+        flops_before: int, since: onnx.ModelProto | None = None,
     ) -> tuple[onnx.ModelProto, Outputs | None, PassRecord]:
-        """`flops_before` is carried from the previous pass: counting walks every value_info."""
+        """`flops_before` is carried from the previous pass: counting walks every value_info.
+        `since` (canonicalizations only): the canonical model the last pass rewrote into `base`."""
+        apply_options = {} if since is None else {"since": since}
         start = time.perf_counter()
         record = PassRecord(graph_pass.name, format_pass(graph_pass), iteration, nodes_before=len(base.graph.node))
         record.flops_before = record.flops_after = flops_before
 
         def attempt(only: list[str] | None) -> _Attempt:
             try:
-                result = graph_pass.apply(base, only)
+                result = graph_pass.apply(base, only, **apply_options)
                 if not result.modified:
                     return _Attempt(True, base, result)
                 candidate = self._finalize(result.model, base)

@@ -227,3 +227,19 @@ def test_skipping_simplify_turns_canonicalization_off(plugin_installed):
     pipeline = Pipeline.from_spec("all,reweight-convs", skip=["simplify"], verify=False)
     _, report = pipeline.run(load_case("core/identity_weights"))
     assert "simplify" not in [p.name for p in report.passes] and not report.canonicalize
+
+
+def conv_chain(length: int, last_weight_seed: int = 0) -> onnx.ModelProto:
+    nodes = [node("Conv", [f"c{i}", f"w{i}"], [f"c{i + 1}"], name=f"conv{i}", pads=[1, 1, 1, 1]) for i in range(length)]
+    weights = {f"w{i}": rand(16, 16, 3, 3, seed=i) for i in range(length)}  # 9 KiB each
+    weights[f"w{length - 1}"] = rand(16, 16, 3, 3, seed=100 + last_weight_seed)
+    return make_model(nodes, {"c0": [1, 16, 8, 8]}, [f"c{length}"], weights)
+
+
+def test_canonicalization_after_a_pass_holds_back_only_weights_two_nodes_from_any_change():
+    from graphopt.passes.simplify import Simplify, weights_far_from_changes
+
+    before, after = conv_chain(6), conv_chain(6, last_weight_seed=1)  # "a pass" rewrote conv5's weight
+    assert weights_far_from_changes(after, before) == {"w0", "w1", "w2"}
+    held_back = Simplify().apply(after, since=before).model
+    assert held_back.SerializeToString() == Simplify().apply(after).model.SerializeToString()
