@@ -23,7 +23,7 @@ import onnx
 from graphopt import modelio
 from graphopt.errors import EquivalenceError, ModelError
 from graphopt.flops import count_flops
-from graphopt.graphs import keep_model_fields, name_unnamed_nodes
+from graphopt.graphs import declare_like, keep_model_fields, name_unnamed_nodes
 from graphopt.passbase import GraphPass, PassResult
 from graphopt.report import CHANGED, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
 from graphopt.spec import format_pass, format_spec, parse_spec
@@ -133,6 +133,7 @@ class Pipeline:
         report.seconds = time.perf_counter() - start
         if self.strict and not report.equivalent:
             raise EquivalenceError(_strict_message(report), report)
+        declare_like(working, model)  # the shapes inferred for the passes are not the caller's
         return working, report
 
     # -- one pass ------------------------------------------------------------------------------
