@@ -139,9 +139,9 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], se
     if not quiet:
         click.echo(format_summary(report))
         click.echo(f"wrote {target}", err=True)
-    if show_lint and not quiet:
-        before = lint_model(source, name=model.name)
-        click.echo(diff_findings(before, lint_model(optimized, before.precision)))
+    if show_lint and not quiet:  # the run itself shows what the passes fix: no forecast needed
+        before = lint_model(source, name=model.name, fixes=False)
+        click.echo(diff_findings(before, lint_model(optimized, before.precision, fixes=False)))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -186,14 +186,16 @@ def format_summary(report: Report) -> str:
               help="Precision the engine is built for [default: int8 if MODEL has Q/DQ nodes, else fp16].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the findings as JSON (schema in docs/lint.md).")
+@click.option("--no-fixes", is_flag=True,
+              help="Do not run the passes (unverified) to learn which fix each finding: faster, and no finding names a fix.")
 @_handle_errors
-def lint(model: Path, precision: str | None, json_path: Path | None) -> None:
-    """Report what keeps TensorRT from running MODEL well, and which pass fixes each finding.
+def lint(model: Path, precision: str | None, json_path: Path | None, no_fixes: bool) -> None:
+    """Report what keeps TensorRT from running MODEL well, and which passes fix each finding.
 
     Exit status: 0 when the ONNX-TensorRT parser would accept MODEL, 1 when it would reject it,
     2 for bad input.
     """
-    sys.exit(lint_command_impl(model, precision, json_path))
+    sys.exit(lint_command_impl(model, precision, json_path, fixes=not no_fixes))
 
 
 def _si(value: float) -> str:
