@@ -29,7 +29,7 @@ from graphopt.lint import alignment
 from graphopt.lint.findings import Finding, FindingsDiff, Precision, match_findings
 from graphopt.passbase import GraphPass
 from graphopt.pipeline import Pipeline
-from graphopt.registry import default_order
+from graphopt.registry import default_order, get_pass
 from graphopt.spec import format_pass, parse_spec
 
 DEFAULT_PIPELINE = "all"
@@ -58,28 +58,26 @@ class Trail:
 
 def pipeline_for(finding: Finding, precision: Precision) -> str:
     """The pipeline that can fix this finding: `all`, or `all` padding to its alignment rule."""
-    for rule in alignment.RULES[precision]:
-        if finding.rule == rule.name and rule.align != _default_alignment() and PADDING_PASS in default_order():
-            return f"{DEFAULT_PIPELINE}({PADDING_PASS}.align={rule.align})"
-    return DEFAULT_PIPELINE
-
-
-def _default_alignment() -> int:
-    return parse_spec(PADDING_PASS)[0].options.alignment
+    rule = next((r for r in alignment.RULES[precision] if r.name == finding.rule), None)
+    if rule is None or PADDING_PASS not in default_order() or rule.align == get_pass(PADDING_PASS).Options().alignment:
+        return DEFAULT_PIPELINE
+    return f"{DEFAULT_PIPELINE}({PADDING_PASS}.align={rule.align})"
 
 
 def forecast_fixes(model: onnx.ModelProto, findings: Sequence[Finding], precision: Precision, lint: Lint,
                    notes: list[str]) -> list[Finding]:
     """`findings` (of `model`) with the fix the passes give each, or with why they leave it."""
-    pipelines = sorted({pipeline_for(f, precision) for f in findings})
-    runs = _run_pipelines(model, list(findings), pipelines, lint)
-    trails = [_follow(index, list(findings), runs[pipeline_for(f, precision)]) for index, f in enumerate(findings)]
-    # Findings merged into one (siblings into a merged Conv) share the cost of fixing it.
-    sharers = Counter(seen for trail in trails if not trail.left for seen in trail.last_seen)
-    result = []
-    for finding, trail in zip(findings, trails):
-        stages = runs[pipeline_for(finding, precision)]
-        result.append(_with_fix(finding, trail, stages, sharers, pipeline_for(finding, precision)))
+    findings = list(findings)
+    chosen = [pipeline_for(f, precision) for f in findings]
+    pipelines = sorted(set(chosen))
+    runs = _run_pipelines(model, findings, pipelines, lint)
+    result = list(findings)
+    for pipeline in pipelines:
+        trails = {i: _follow(i, findings, runs[pipeline]) for i, p in enumerate(chosen) if p == pipeline}
+        # Findings merged into one (siblings into a merged Conv) share the cost of fixing it.
+        sharers = Counter(seen for trail in trails.values() if not trail.left for seen in trail.last_seen)
+        for i, trail in trails.items():
+            result[i] = _with_fix(findings[i], trail, runs[pipeline], sharers, pipeline)
     changed = {s.graph_pass.name for stages in runs.values() for s in stages}
     notes.append(f"fixes: lint ran {' and '.join(f'`{p}`' for p in pipelines) or 'no pipeline'} without verification; "
                  f"passes that changed the model: {', '.join(n for n in default_order() if n in changed) or 'none'}")
@@ -109,6 +107,7 @@ def _run_pipelines(model: onnx.ModelProto, findings: list[Finding], pipelines: l
 
 
 def _follow(index: int, findings: list[Finding], stages: list[Stage]) -> Trail:
+    """Follow `findings[index]` through the stages: kept, renamed, resolved or turned into others."""
     previous, current = findings, [index]
     touched: list[str] = []
     last_seen = [(-1, index)]

@@ -157,7 +157,9 @@ def _composite_activation(layer: gs.Node) -> list[Finding]:
         detail = f"{activation[0].op} {activation[0].name!r} after {layer.op} {layer.name!r}"
     else:
         return []
-    return [COMPOSITE_ACTIVATION.at([layer.name, *(n.name for n in activation)], detail, subject=output_names(activation[-1]))]
+    # Likeness: fc-to-conv carries a head's activation into 4-D, where its output has a new name.
+    return [COMPOSITE_ACTIVATION.at([layer.name, *(n.name for n in activation)], detail, subject=output_names(activation[-1]),
+                                    likeness=" ".join(n.op for n in activation))]
 
 
 # -- 3. Pad before a Conv -------------------------------------------------------------------------
