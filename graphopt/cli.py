@@ -23,7 +23,7 @@ from graphopt.lint import diff_findings, lint_command_impl, lint_model
 from graphopt.goldens import load_inputs, load_outputs, save_inputs, save_outputs
 from graphopt.pipeline import Pipeline
 from graphopt.registry import available_passes, default_order
-from graphopt.report import Report
+from graphopt.report import INPUT, PassRecord, Report
 from graphopt.spec import describe_options, parse_spec
 from graphopt.verify import ORT, TRT, Tolerance, Verifier, default_tolerance, parse_input_shapes
 
@@ -154,7 +154,7 @@ def format_summary(report: Report) -> str:
     rows = [("pass", "status", "nodes", "time", "verified by", "max rel err")]
     for p in report.passes:
         rows.append((
-            p.name if p.iteration == 1 else f"{p.name} #{p.iteration}",
+            _step_label(p),
             p.status,
             f"{p.nodes_before} -> {p.nodes_after}",
             f"{p.seconds:.2f}s",
@@ -196,6 +196,13 @@ def lint(model: Path, precision: str | None, json_path: Path | None, no_fixes: b
     2 for bad input.
     """
     sys.exit(lint_command_impl(model, precision, json_path, fixes=not no_fixes))
+
+
+def _step_label(record: PassRecord) -> str:
+    label = record.name if record.iteration == 1 else f"{record.name} #{record.iteration}"
+    if record.after == INPUT:
+        return f"{label} (canonical form)"
+    return f"  {label} (after {record.after})" if record.canonicalization else label
 
 
 def _si(value: float) -> str:

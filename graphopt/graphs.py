@@ -7,8 +7,8 @@ value is only known through a Constant node, an export that forgets the model's 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -27,14 +27,132 @@ def nodes_with_op(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a tensor known before inference: an initializer or a Constant node's output."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        attrs = tensor.inputs[0].attrs
-        if isinstance(attrs.get("value"), gs.Constant):
-            return attrs["value"].values
+    """The value of a tensor known before inference: an initializer or a Constant node's output,
+    also through the Identity chains exporters route weights by (canonicalization folds those,
+    but a pass must stay sound on a graph onnxsim could not canonicalize)."""
+    for _ in range(64):
+        if isinstance(tensor, gs.Constant):
+            return tensor.values
+        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if producer is None or producer.domain not in DEFAULT_DOMAINS:
+            return None
+        if producer.op == "Constant":
+            value = producer.attrs.get("value")
+            return value.values if isinstance(value, gs.Constant) else None
+        if producer.op != "Identity":
+            return None
+        tensor = producer.inputs[0]
     return None
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a quantized weight is stored: value = (stored - zero_point) * scale, along `axis`.
+
+    `quantize` is set for the float form (ModelOpt's: a float constant -> QuantizeLinear ->
+    DequantizeLinear, the integers computed at build time); else `stored` holds the integers.
+    """
+
+    dequantize: gs.Node
+    scale: np.ndarray
+    zero_point: np.ndarray  # zeros of the quantized type when the DequantizeLinear has none
+    axis: int | None  # None: one scale for the whole tensor
+    quantize: gs.Node | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A tensor's value known before inference, as every pass sees weights.
+
+    `stored` is what the graph holds: the float values of a plain constant, or, for a quantized
+    weight, the integers (or the float constant in front of a QuantizeLinear). Rewrites keep a
+    weight in the form it came in.
+    """
+
+    stored: np.ndarray
+    quantization: Quantization | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the weight's reader sees."""
+        return self.quantization.scale.dtype if self.quantization else self.stored.dtype
+
+
+def weight(tensor: gs.Tensor) -> Weight | None:
+    """The weight `tensor` carries, or None when it is computed at run time.
+
+    A plain constant, or a constant behind DequantizeLinear (integers -> DQ, or ModelOpt's float
+    -> QuantizeLinear -> DQ) with constant scale and zero point and a layout ONNX and ONNX Runtime
+    read alike (per tensor, or one scale per index of `axis`; not blocked).
+    """
+    if (value := constant_value(tensor)) is not None:
+        return Weight(value)
+    dequantize = _producer(tensor, "DequantizeLinear")
+    if dequantize is None:
+        return None
+    source = dequantize.inputs[0]
+    quantize = _producer(source, "QuantizeLinear")
+    stored = constant_value(quantize.inputs[0] if quantize is not None else source)
+    scale, zero_point = _scale_and_zero_point(dequantize)
+    if stored is None or scale is None or zero_point is None or dequantize.attrs.get("block_size", 0):
+        return None
+    if quantize is not None and not _same_quantization(quantize, dequantize):
+        return None
+    axis = _quantization_axis(dequantize, stored.shape, scale)
+    if axis is False:
+        return None
+    return Weight(stored, Quantization(dequantize, scale, zero_point, axis, quantize))
+
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == op and tensor.inputs[0].domain in DEFAULT_DOMAINS:
+        return tensor.inputs[0]
+    return None
+
+
+def _scale_and_zero_point(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None]:
+    scale = constant_value(node.inputs[1])
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return scale, constant_value(node.inputs[2])
+    source = node.inputs[0] if node.op == "DequantizeLinear" else None
+    dtype = source.dtype if source is not None and source.dtype is not None else np.uint8
+    return scale, (None if scale is None else np.zeros(scale.shape, dtype=dtype))
+
+
+def _same_quantization(quantize: gs.Node, dequantize: gs.Node) -> bool:
+    (qs, qz), (ds, dz) = _scale_and_zero_point(quantize), _scale_and_zero_point(dequantize)
+    return (
+        all(v is not None for v in (qs, qz, ds, dz))
+        and np.array_equal(qs, ds) and qz.dtype == dz.dtype and np.array_equal(qz, dz)
+        and quantize.attrs.get("axis", 1) == dequantize.attrs.get("axis", 1)
+        and not quantize.attrs.get("block_size", 0)
+    )
+
+
+def _quantization_axis(dequantize: gs.Node, shape: tuple[int, ...], scale: np.ndarray) -> int | None | bool:
+    """The per-channel axis (None for per-tensor), or False for a layout not accepted."""
+    if scale.ndim == 0:
+        return None
+    axis = dequantize.attrs.get("axis", 1)
+    if scale.ndim != 1 or not -len(shape) <= axis < len(shape):
+        return False
+    # ONNX reads a 1-D scale as per-axis, ONNX Runtime a one-element one as per-tensor: a
+    # one-element scale is read as per-tensor, which both agree on where the axis has one index.
+    if scale.shape[0] == 1:
+        return None
+    return axis % len(shape) if scale.shape[0] == shape[axis] else False
 
 
 def equal_constants(a: gs.Tensor, b: gs.Tensor) -> bool:
@@ -151,48 +269,12 @@ def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant:
-    """An initializer holding `values`: one already in the graph with the same bytes, or a new one.
+    """A new initializer holding `values`, under a name unused in the graph.
 
-    Reusing equal initializers is what onnxsim does when `simplify` runs (it merges them), so a
-    graph the passes leave has none to merge, and a second run of `all` changes nothing. Sharing
-    is safe because no pass writes into a constant's values; passes make new constants instead.
+    Equal initializers need no sharing here: canonicalization (onnxsim) merges them after the pass.
     """
     # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
-    values = np.array(values, order="C")
-    same_type = _constants_by_type(graph).setdefault((values.dtype.str, values.shape), _SameType())
-    key = values.tobytes()  # bytes, not values: -0.0 and 0.0 differ, and so do NaN payloads
-    if (existing := same_type.find(key)) is not None:
-        return existing
-    constant = gs.Constant(unique_name(graph, stem), values)
-    same_type.by_bytes[key] = constant
-    return constant
-
-
-class _SameType:
-    """The graph's initializers of one dtype and shape, read (and indexed by bytes) on first use."""
-
-    def __init__(self) -> None:
-        self.unread: list[gs.Constant] = []
-        self.by_bytes: dict[bytes, gs.Constant] = {}
-
-    def find(self, key: bytes) -> gs.Constant | None:
-        for constant in self.unread:
-            self.by_bytes.setdefault(np.asarray(constant.values).tobytes(), constant)
-        self.unread.clear()
-        return self.by_bytes.get(key)
-
-
-def _constants_by_type(graph: gs.Graph) -> dict[tuple[str, tuple[int, ...]], _SameType]:
-    """The graph's initializers by dtype and shape, built once per graph (values load lazily)."""
-    index = graph.__dict__.get("_graphopt_constants")  # not getattr: see unique_name
-    if index is None:
-        index = {}
-        for tensor in graph.tensors().values():
-            if isinstance(tensor, gs.Constant):
-                with contextlib.suppress(TypeError):  # a dtype numpy cannot name (bfloat16): never shared
-                    index.setdefault((np.dtype(tensor.dtype).str, tuple(tensor.shape)), _SameType()).unread.append(tensor)
-        graph.__dict__["_graphopt_constants"] = index
-    return index
+    return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
 def unique_name(graph: gs.Graph, stem: str) -> str:

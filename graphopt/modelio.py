@@ -152,7 +152,7 @@ def graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
     copy 100 MB (0.2 s, against 0.01 s for the graph). Integer tensors stay whatever their size:
     shape arithmetic reads their values.
     """
-    light = _graph_without_initializers(model)
+    light = without_initializers(model)
     graph, source = light.graph, model.graph
     listed = {vi.name for vi in source.input}
     for tensor in source.initializer:
@@ -187,7 +187,7 @@ def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     nothing serializes the weights: on ResNet-50 that was 0.1 s per session, and a model over
     2 GB needs no temporary file.
     """
-    light = _graph_without_initializers(model)
+    light = without_initializers(model)
     weights: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
         if tensor.data_type in _ARRAY_DTYPES and tensor.data_location != onnx.TensorProto.EXTERNAL \
@@ -201,7 +201,7 @@ def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np
     return light, weights
 
 
-def _graph_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """What checkers and runtimes read of a model, less the initializers (no weight is copied)."""
     light = onnx.ModelProto(ir_version=model.ir_version)
     light.opset_import.extend(model.opset_import)

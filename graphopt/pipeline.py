@@ -25,11 +25,15 @@ from graphopt.errors import EquivalenceError, ModelError
 from graphopt.flops import count_flops
 from graphopt.graphs import declare_like, keep_model_fields, name_unnamed_nodes
 from graphopt.passbase import GraphPass, PassResult
-from graphopt.report import CHANGED, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
+from graphopt.registry import get_pass
+from graphopt.report import CHANGED, INPUT, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
 from graphopt.spec import format_pass, format_spec, parse_spec
 from graphopt.verify import Outputs, Tolerance, Verdict, Verifier, compare_outputs
 
 Progress = Callable[[str], None]
+
+# The pass that establishes the canonical form every other pass may assume (ARCHITECTURE.md).
+CANONICALIZER = "simplify"
 
 
 @dataclass
@@ -66,8 +70,10 @@ class Pipeline:
         seed: int = 0,
         backend: str = "auto",
         progress: Progress | None = None,
+        canonicalize: bool = True,
     ) -> None:
         self.passes = list(passes)
+        self.canonicalizer = _canonicalizer(self.passes) if canonicalize else None
         self.verify = verify
         self.strict = strict
         self.fixed_point = fixed_point
@@ -80,6 +86,9 @@ class Pipeline:
 
     @classmethod
     def from_spec(cls, spec: str = "all", skip: Sequence[str] = (), **kwargs: Any) -> Pipeline:
+        """`skip` naming the canonicalizer (simplify) turns canonicalization off."""
+        skipped = {s.strip() for item in skip for s in item.split(",")}
+        kwargs.setdefault("canonicalize", CANONICALIZER not in skipped)
         return cls(parse_spec(spec, skip), **kwargs)
 
     @property
@@ -112,17 +121,35 @@ class Pipeline:
         reference = original
         flops = report.flops_before
 
+        canonicalizer = self.canonicalizer
+        steps = [p for p in self.passes if p is not canonicalizer]
+        report.canonicalize = canonicalizer is not None
+
+        def run_step(graph_pass: GraphPass, iteration: int, after: str | None = None, since: onnx.ModelProto | None = None) -> PassRecord:
+            nonlocal working, reference, flops
+            working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops, since)
+            record.after = after
+            collect()
+            flops = record.flops_after
+            report.passes.append(record)
+            return record
+
         with _collect_between_passes() as collect:
+            if canonicalizer is not None:
+                self.progress(f"[0/{len(steps)}] {canonicalizer.name} (canonical form)")
+                run_step(canonicalizer, 1, after=INPUT)
             for iteration in range(1, self.max_iterations + 1):
                 report.iterations = iteration
                 changed = False
-                for index, graph_pass in enumerate(self.passes, 1):
-                    self.progress(f"[{index}/{len(self.passes)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
-                    working, reference, record = self._run_pass(graph_pass, working, reference, verifier, iteration, flops)
-                    collect()
-                    flops = record.flops_after
-                    report.passes.append(record)
+                for index, graph_pass in enumerate(steps, 1):
+                    self.progress(f"[{index}/{len(steps)}] {graph_pass.name}" + (f" (iteration {iteration})" if iteration > 1 else ""))
+                    before = working
+                    record = run_step(graph_pass, iteration)
                     changed |= record.changed
+                    if record.changed and canonicalizer is not None:
+                        # The canonical form is re-established after every change, so the next
+                        # pass may assume it and a second run finds nothing left to fold.
+                        changed |= run_step(canonicalizer, iteration, after=graph_pass.name, since=before).changed
                 if not (self.fixed_point and changed):
                     break
 
@@ -140,16 +167,18 @@ class Pipeline:
 
     def _run_pass(
         self, graph_pass: GraphPass, base: onnx.ModelProto, reference: Outputs | None, verifier: Verifier | None, iteration: int,
-        flops_before: int,
+        flops_before: int, since: onnx.ModelProto | None = None,
     ) -> tuple[onnx.ModelProto, Outputs | None, PassRecord]:
-        """`flops_before` is carried from the previous pass: counting walks every value_info."""
+        """`flops_before` is carried from the previous pass: counting walks every value_info.
+        `since` (canonicalizations only): the canonical model the last pass rewrote into `base`."""
+        apply_options = {} if since is None else {"since": since}
         start = time.perf_counter()
         record = PassRecord(graph_pass.name, format_pass(graph_pass), iteration, nodes_before=len(base.graph.node))
         record.flops_before = record.flops_after = flops_before
 
         def attempt(only: list[str] | None) -> _Attempt:
             try:
-                result = graph_pass.apply(base, only)
+                result = graph_pass.apply(base, only, **apply_options)
                 if not result.modified:
                     return _Attempt(True, base, result)
                 candidate = self._finalize(result.model, base)
@@ -255,6 +284,12 @@ class Pipeline:
             verdict, _ = verifier.check(original, model)
         worst = verdict.worst
         return FinalCheck(verdict.backend, verdict.passed, verdict.max_abs_err, verdict.max_rel_err, worst.name, worst.describe())
+
+
+def _canonicalizer(passes: Sequence[GraphPass]) -> GraphPass:
+    """The spec's own `simplify` (with its options), else one with default options."""
+    named = [p for p in passes if p.name == CANONICALIZER]
+    return named[0] if named else get_pass(CANONICALIZER)()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ CHANGED = "changed"
 UNCHANGED = "unchanged"
 PARTIAL = "partially-rolled-back"
 ROLLED_BACK = "rolled-back"
+# `PassRecord.after` of the canonicalization that runs before the first pass.
+INPUT = "(input)"
 
 
 @dataclass
@@ -47,6 +49,12 @@ class PassRecord:
     details: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    # Set on the canonicalizer's records: the pass whose output it canonicalized, or INPUT.
+    after: str | None = None
+
+    @property
+    def canonicalization(self) -> bool:
+        return self.after is not None
 
     @property
     def changed(self) -> bool:
@@ -80,6 +88,7 @@ class Report:
     flops_after: int = 0
     seconds: float = 0.0
     iterations: int = 0
+    canonicalize: bool = False  # whether the canonical form was established before and between passes
     passes: list[PassRecord] = field(default_factory=list)
     final: FinalCheck | None = None
     warnings: list[str] = field(default_factory=list)

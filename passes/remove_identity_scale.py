@@ -1,56 +1,32 @@
 """remove-identity-scale: remove nodes that provably compute the identity.
 
-Matches, top-level default-domain nodes only (the checks below refer to these numbers):
-  1. Identity, and Dropout in inference: `training_mode` absent or a constant false (before
-     opset 7, `is_test=1`), with its mask output unused.
-  2. Mul or Div by a constant of ones, Add or Sub of a constant of zeros. The constant must be
-     the right operand of Div and Sub (1/x and 0-x are not identities) and may be either operand
-     of Mul and Add. It must have the input's dtype and must not grow the input by broadcasting:
-     its rank is at most the input's, and each of its dims is 1 or equal to the input's dim,
-     which must then be known statically. Constants read through Identity chains count.
-     Exact in IEEE arithmetic (x*1, x/1 and x-(+0.0) give x bit for bit) except that x+(+0.0)
-     and x-(-0.0) turn an input -0.0 into +0.0; the two zeros compare equal, and only a later
-     division by that zero could tell them apart. Exporters' zero biases are +0.0, so the pass
-     accepts either zero.
-  3. BatchNormalization in inference (one output) with constant float32 parameters whose mean
-     and bias are exactly 0 and whose per-channel factor scale / sqrt(var + eps) is exactly 1.0
-     both ways it can be computed: in float32, as TensorRT's parser folds it (so TensorRT's own
-     IScaleLayer would multiply by exactly 1), and exactly (float64) rounded to float32. A
-     runtime that divides by sqrt(var + eps) before scaling may still round by an ulp when the
-     scale is not 1. The default BatchNormalization (scale 1, var 1, eps 1e-5) is NOT an identity:
-     it divides by sqrt(1 + 1e-5) and is left alone.
-  4. Pad whose pads are all 0, in any mode.
-  5. Reshape whose target equals the input's shape: each entry is 0 (copy, when allowzero=0)
-     or the input's static dim, with at most one -1 when every other dim is static and nonzero
-     (so dynamic batch works with [0, ...] or [-1, ...]). Expand to a shape that broadcasts to
-     the input's own shape (the rule of case 2).
+Matches top-level default-domain nodes (the provers below refer to these numbers):
+  1. Identity; Dropout in inference (training_mode absent or constant false), mask unused.
+  2. Mul/Div by a constant of ones, Add/Sub of a constant of zeros (Div and Sub: right operand
+     only), of the input's dtype, that does not grow the input by broadcasting.
+  3. BatchNormalization in inference whose mean and bias are 0 and whose scale/sqrt(var + eps)
+     is exactly 1 in float32 and in float64 (the default BN, var 1 and eps 1e-5, is not).
+  4. Pad with all pads 0, any mode.
+  5. Reshape to the input's own shape (0, the static dim, or one -1 among static dims); Expand
+     to a shape that broadcasts to the input's own shape.
   6. Transpose by the identity permutation; Cast to the input's own dtype.
-  7. Slice that keeps every element: steps 1, every start 0 (or <= -dim for a static dim),
-     every end >= the dim, which for a dim not known statically means INT64_MAX.
-  Not matched: Squeeze/Unsqueeze with empty axes and Flatten; they change or may change rank.
+  7. Slice that keeps every element (step 1, start 0, end >= the dim or INT64_MAX).
 
-Emits: nothing. Consumers read the removed node's input directly (an Identity of an initializer
-becomes a direct read of the initializer). When the output is a graph output it keeps its name:
-the producer of the input writes it instead (the semantics of `graphs.bypass`).
+Emits nothing: readers read the removed node's input; a graph output keeps its name (the
+producer of the input writes it, `graphs.bypass`).
 
-Why TensorRT benefits: the ONNX parser turns each of these nodes into a layer of its own.
-Identity becomes an IIdentityLayer (and an Identity of an initializer turns the weights into an
-IConstantLayer followed by that copy), Mul/Add/Sub/Div become IElementWiseLayers over an
-IConstantLayer, Cast an ICastLayer, and BatchNormalization with constant parameters an
-IScaleLayer of scale/sqrtf(var + eps) (onnx-tensorrt, onnxOpImporters.cpp:
-https://github.com/onnx/onnx-tensorrt/blob/main/onnxOpImporters.cpp). The builder's fusions
-match adjacent layers, e.g. "a convolution followed by ReLU activation" (Layer Fusion Catalog,
-https://docs.nvidia.com/deeplearning/tensorrt/latest/performance/fusion-catalog.html), so a
-do-nothing layer between a Conv and its activation or bias stands between them unless the
-builder happens to erase it first. Removing it in the ONNX graph does not depend on that, and
-it lets the graphopt passes after this one see Conv -> activation and constant weights.
+Why TensorRT benefits: the ONNX parser makes a layer of each (IIdentityLayer, an elementwise
+layer over a constant, ICastLayer, IScaleLayer), and the builder's fusions match adjacent layers
+(Conv + activation), so a do-nothing layer between them stands in the way. Canonicalization
+(onnxsim) removes most of these too; this pass is what removes them where onnxsim cannot run
+(custom-domain ops, models over 2 GB), and what it alone removes (inference Dropout, full-range
+Slice). docs/passes/remove-identity-scale.md has the IEEE argument for each case.
 
-Declines (counted by reason): a constant that is not exactly the identity element or that
-would broadcast the input; unknown input rank, shape or dtype where the proof needs them;
-non-constant pads, shapes, axes or training_mode; a Dropout whose mask is used; an output read
-inside a subgraph; and a graph output that cannot keep its name, because its value comes
-straight from a graph input, an initializer or another graph output, or because another
-removed node's graph output already claims the same producer.
+Declines (counted): a constant that is not exactly the identity element or would broadcast the
+input; unknown rank, shape or dtype where the proof needs it; non-constant pads, shapes, axes or
+training_mode; a used Dropout mask; an output read inside a subgraph; a graph output that cannot
+keep its name (its value is a graph input, an initializer or another graph output, or another
+removed node's graph output already claims the producer).
 """
 
 from __future__ import annotations
@@ -63,7 +39,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import (
-    DEFAULT_DOMAINS,
     bypass,
     constant_value,
     is_graph_input,
@@ -189,7 +164,7 @@ def prove_dropout(graph: gs.Graph, node: gs.Node) -> Proof:  # case 1
     if opset_version(graph) < 7 and node.attrs.get("is_test", 0) != 1:
         return "Dropout is in training mode (is_test is not 1)"
     if len(node.inputs) > 2 and node.inputs[2].name:
-        mode = constant_through_identity(node.inputs[2])
+        mode = constant_value(node.inputs[2])
         if mode is None:
             return "Dropout training_mode is not a constant"
         if np.any(mode):
@@ -202,7 +177,7 @@ def prove_elementwise(graph: gs.Graph, node: gs.Node) -> Proof:  # case 2
     sides = [(0, 1), (1, 0)] if commutative else [(0, 1)]
     reason = f"{node.op} has no constant operand" if commutative else f"{node.op} has no constant right operand"
     for keep, other in sides:
-        value = constant_through_identity(node.inputs[other])
+        value = constant_value(node.inputs[other])
         if value is None:
             continue
         if not np.all(value == neutral):
@@ -218,7 +193,7 @@ def prove_batchnorm(graph: gs.Graph, node: gs.Node) -> Proof:  # case 3
     training = node.attrs.get("training_mode", 0) or (opset_version(graph) < 7 and node.attrs.get("is_test", 0) != 1)
     if len(node.outputs) > 1 or training:
         return "BatchNormalization is in training mode"
-    params = [constant_through_identity(t) for t in node.inputs[1:5]]
+    params = [constant_value(t) for t in node.inputs[1:5]]
     if any(p is None for p in params):
         return "BatchNormalization parameters are not constant"
     if tensor_dtype(node.inputs[0]) != onnx.TensorProto.FLOAT or any(p.dtype != np.float32 for p in params):
@@ -238,14 +213,14 @@ def prove_pad(graph: gs.Graph, node: gs.Node) -> Proof:  # case 4
     if opset_version(graph) < 11:
         pads = node.attrs.get("pads", node.attrs.get("paddings"))
     else:
-        pads = constant_through_identity(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+        pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
     if pads is None:
         return "Pad pads are not constant"
     return Passthrough(node, 0) if not np.any(np.asarray(pads)) else "Pad has nonzero pads"
 
 
 def prove_reshape(graph: gs.Graph, node: gs.Node) -> Proof:  # case 5
-    target = constant_through_identity(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("shape")
+    target = constant_value(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("shape")
     if target is None:
         return "Reshape shape is not constant"
     dims = input_dims(node.inputs[0])
@@ -268,7 +243,7 @@ def prove_reshape(graph: gs.Graph, node: gs.Node) -> Proof:  # case 5
 
 
 def prove_expand(graph: gs.Graph, node: gs.Node) -> Proof:  # case 5
-    shape = constant_through_identity(node.inputs[1])
+    shape = constant_value(node.inputs[1])
     if shape is None:
         return "Expand shape is not constant"
     return grows_by_broadcast(node.inputs[0], tuple(int(s) for s in np.asarray(shape).reshape(-1))) or Passthrough(node, 0)
@@ -331,19 +306,6 @@ PROVERS: dict[str, Callable[[gs.Graph, gs.Node], Proof]] = {
 # -- small facts the provers share -----------------------------------------------------------------
 
 
-def constant_through_identity(tensor: gs.Tensor) -> np.ndarray | None:
-    """`graphs.constant_value`, also looking through the Identity chains exporters route weights by."""
-    for _ in range(64):
-        value = constant_value(tensor)
-        if value is not None:
-            return value
-        producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-        if producer is None or producer.op != "Identity" or producer.domain not in DEFAULT_DOMAINS:
-            return None
-        tensor = tensor.inputs[0].inputs[0]
-    return None
-
-
 def tensor_dtype(tensor: gs.Tensor) -> int | None:
     """The ONNX element type; graphsurgeon keeps the ONNX enum for types numpy lacks (bfloat16)."""
     dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
@@ -391,7 +353,7 @@ def slice_ranges(graph: gs.Graph, node: gs.Node) -> tuple[list[int], list[int], 
         axes, steps = node.attrs.get("axes"), None
     else:
         present = [t if t.name else None for t in node.inputs[1:]] + [None] * (5 - len(node.inputs))
-        values = [constant_through_identity(t) if t is not None else None for t in present]
+        values = [constant_value(t) if t is not None else None for t in present]
         if any(t is not None and v is None for t, v in zip(present, values)):
             return None
         starts, ends, axes, steps = values

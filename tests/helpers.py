@@ -11,10 +11,16 @@ from graphopt.report import PassRecord, Report
 
 
 def run_pass(model: onnx.ModelProto, graph_pass: GraphPass, **options) -> tuple[onnx.ModelProto, PassRecord, Report]:
-    """One pass through the pass manager, verified with polygraphy unless verify=False."""
+    """One pass through the pass manager (which canonicalizes before and after it), verified with
+    polygraphy unless verify=False. The record returned is the pass's own."""
     out, report = Pipeline([graph_pass], **options).run(model)
-    [record] = report.passes
+    [record] = [p for p in report.passes if not p.canonicalization] or [p for p in report.passes if p.name == graph_pass.name]
     return out, record, report
+
+
+def canonical(model: onnx.ModelProto, **options) -> onnx.ModelProto:
+    """The model in the canonical form the pass manager hands every pass."""
+    return Pipeline([], verify=False, **options).run(model)[0]
 
 
 def assert_rewrites_equivalently(model: onnx.ModelProto, graph_pass: GraphPass, **options) -> tuple[onnx.ModelProto, PassRecord]:
@@ -30,8 +36,9 @@ def assert_unchanged(model: onnx.ModelProto, graph_pass: GraphPass, reason: str 
     """The pass declined: the graph is node-for-node the same, and (optionally) why was counted."""
     out, record, _ = run_pass(model, graph_pass, verify=False, **options)
     assert record.status == "unchanged", f"{graph_pass.name} changed the graph: {record.sites_applied}"
+    before = canonical(model, canonicalize=options.get("canonicalize", True))
     assert [(n.op_type, list(n.input), list(n.output)) for n in out.graph.node] == [
-        (n.op_type, list(n.input), list(n.output)) for n in model.graph.node
+        (n.op_type, list(n.input), list(n.output)) for n in before.graph.node
     ]
     if reason is not None:
         assert record.skipped.get(reason, 0) >= 1, f"expected skip reason {reason!r}, got {record.skipped}"

@@ -18,13 +18,13 @@ def conv_names(model: onnx.ModelProto) -> list[str]:
 
 
 def test_passes_run_in_the_order_of_the_spec(plugin_installed):
-    _, report = optimize(load_case("core/conv_stack"), "reweight-convs,simplify")
+    _, report = optimize(load_case("core/conv_stack"), "reweight-convs,simplify", canonicalize=False)
     assert [p.name for p in report.passes] == ["reweight-convs", "simplify"]
 
 
 def test_a_wrong_pass_is_caught_and_rolled_back(plugin_installed):
     model = load_case("core/conv_stack")
-    out, report = optimize(model, "scale-filter")
+    out, report = optimize(model, "scale-filter", canonicalize=False)
     [record] = report.passes
     assert record.status == "rolled-back"
     assert sorted(site.site for site in record.rolled_back) == ["conv1", "conv2", "conv3"]
@@ -36,7 +36,7 @@ def test_a_wrong_pass_is_caught_and_rolled_back(plugin_installed):
 
 def test_a_pass_wrong_at_one_site_loses_only_that_site(plugin_installed):
     model = load_case("core/conv_stack")
-    out, report = optimize(model, "reweight-convs(wrong-at=conv2)")
+    out, report = optimize(model, "reweight-convs(wrong-at=conv2)", canonicalize=False)
     [record] = report.passes
     assert record.status == "partially-rolled-back"
     assert [site.site for site in record.rolled_back] == ["conv2"]
@@ -49,7 +49,7 @@ def test_a_pass_wrong_at_one_site_loses_only_that_site(plugin_installed):
 
 def test_a_pass_that_raises_at_one_site_loses_only_that_site(plugin_installed):
     model = load_case("core/conv_stack")
-    out, report = optimize(model, "raise-at(wrong-at=conv3)")
+    out, report = optimize(model, "raise-at(wrong-at=conv3)", canonicalize=False)
     [record] = report.passes
     assert record.status == "partially-rolled-back"
     assert [site.site for site in record.rolled_back] == ["conv3"]
@@ -58,14 +58,14 @@ def test_a_pass_that_raises_at_one_site_loses_only_that_site(plugin_installed):
 
 
 def test_without_verification_a_raising_site_is_still_rolled_back(plugin_installed):
-    _, report = optimize(load_case("core/conv_stack"), "raise-at(wrong-at=conv1)", verify=False)
+    _, report = optimize(load_case("core/conv_stack"), "raise-at(wrong-at=conv1)", verify=False, canonicalize=False)
     assert [site.site for site in report.passes[0].rolled_back] == ["conv1"]
     assert report.passes[0].verified_by is None
 
 
 def test_strict_turns_a_rollback_into_an_equivalence_error(plugin_installed):
     with pytest.raises(EquivalenceError, match="--strict: reweight-convs failed verification at conv1") as info:
-        optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv1)", strict=True)
+        optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv1)", strict=True, canonicalize=False)
     assert info.value.report.passes[0].status == "partially-rolled-back"
 
 
@@ -117,13 +117,13 @@ def test_every_pass_leaves_a_checked_model_with_names_and_opsets_kept(plugin_ins
 
 
 def test_fixed_point_repeats_until_nothing_changes(plugin_installed):
-    _, report = optimize(load_case("core/identity_weights"), "simplify", fixed_point=True)
+    _, report = optimize(load_case("core/identity_weights"), "simplify", fixed_point=True, canonicalize=False)
     assert [(p.iteration, p.status) for p in report.passes] == [(1, "changed"), (2, "unchanged")]
     assert report.iterations == 2
 
 
 def test_the_report_records_what_each_pass_did(plugin_installed):
-    _, report = optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv2)")
+    _, report = optimize(load_case("core/conv_stack"), "reweight-convs(wrong-at=conv2)", canonicalize=False)
     data = json.loads(report.to_json())
     record = data["passes"][0]
     assert record["name"] == "reweight-convs" and record["spec"] == "reweight-convs(wrong-at=conv2)"
@@ -136,7 +136,7 @@ def test_the_report_records_what_each_pass_did(plugin_installed):
 
 
 def test_a_pipeline_can_be_built_from_pass_instances(plugin_installed):
-    pipeline = Pipeline(parse_spec("simplify") + parse_spec("reweight-convs"), verify=True)
+    pipeline = Pipeline(parse_spec("simplify") + parse_spec("reweight-convs"), verify=True, canonicalize=False)
     assert pipeline.spec == "simplify,reweight-convs"
     out, report = pipeline.run(load_case("core/conv_stack"))
     assert report.equivalent and len(out.graph.node) == 8
@@ -148,7 +148,7 @@ def test_reference_outputs_are_reused_between_passes(plugin_installed, monkeypat
     runs = []
     original = verify.run_onnxruntime
     monkeypatch.setattr(verify, "run_onnxruntime", lambda m, f: runs.append(1) or original(m, f))
-    optimize(load_case("core/conv_stack"), "reweight-convs,+reweight-convs,+reweight-convs")
+    optimize(load_case("core/conv_stack"), "reweight-convs,+reweight-convs,+reweight-convs", canonicalize=False)
     # one reference run of the input, then one run per changed pass; the final check reuses them
     assert len(runs) == 4
 
@@ -165,16 +165,81 @@ def test_an_unchanged_pass_costs_no_verification_run(plugin_installed):
     assert np.isfinite(report.seconds)
 
 
-def test_make_constant_reuses_an_equal_initializer_and_only_an_equal_one():
-    # onnxsim merges equal initializers when `simplify` runs again; passes must leave none to merge.
-    import onnx_graphsurgeon as gs
+# -- the canonical form ----------------------------------------------------------------------------
 
-    from graphopt.graphs import make_constant
 
-    graph = gs.import_onnx(load_case("core/conv_stack"))
-    first = make_constant(graph, "shape", np.array([0, -1], np.int64))
-    assert make_constant(graph, "shape", np.array([0, -1], np.int64)) is first
-    assert make_constant(graph, "shape", np.array([0, -1], np.int32)) is not first
-    assert make_constant(graph, "zero", np.array([0.0], np.float32)) is not make_constant(graph, "zero", np.array([-0.0], np.float32))
-    [existing] = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)][:1]
-    assert make_constant(graph, "copy", np.array(existing.values)) is existing
+def test_the_canonical_form_is_established_before_the_first_pass_whatever_the_spec(plugin_installed):
+    # identity_weights routes its Conv weights through Identity nodes, as PyTorch exports do:
+    # reweight-convs (like every pass) only rewrites a Conv whose weight is a constant.
+    out, report = optimize(load_case("core/identity_weights"), "reweight-convs")
+    first, rewrite = report.passes[0], report.passes[1]
+    assert (first.name, first.after, first.status) == ("simplify", "(input)", "changed")
+    assert rewrite.name == "reweight-convs" and rewrite.status == "changed" and rewrite.after is None
+    assert "Identity" not in [n.op_type for n in out.graph.node] and report.equivalent
+
+
+def test_the_canonical_form_is_restored_after_each_pass_that_changed_the_graph(plugin_installed):
+    # reweight-convs leaves Conv(2W) -> Mul(0.5); canonicalization folds the Mul back into the Conv.
+    out, report = optimize(load_case("core/conv_stack"), "reweight-convs")
+    assert [(p.name, p.after, p.status) for p in report.passes] == [
+        ("simplify", "(input)", "unchanged"), ("reweight-convs", None, "changed"), ("simplify", "reweight-convs", "changed"),
+    ]
+    assert report.passes[2].verified_by == "onnxruntime"
+    assert "Mul" not in [n.op_type for n in out.graph.node] and report.equivalent and report.canonicalize
+
+
+def test_no_canonicalization_follows_a_pass_that_changed_nothing(plugin_installed):
+    relu_only = make_model([node("Relu", ["x"], ["y"], name="relu")], {"x": [1, 3, 8, 8]}, ["y"], {})
+    _, report = optimize(relu_only, "scale-filter")
+    assert [(p.name, p.status) for p in report.passes] == [("simplify", "unchanged"), ("scale-filter", "unchanged")]
+
+
+def test_the_specs_own_simplify_options_are_the_canonicalizers(plugin_installed):
+    _, report = optimize(conv_batchnorm(), "reweight-convs,simplify(optimize=false)")
+    assert [(p.name, p.spec) for p in report.passes if p.canonicalization] == [
+        ("simplify", "simplify(optimize=false)"), ("simplify", "simplify(optimize=false)"),
+    ]
+
+
+def test_a_canonicalization_that_fails_verification_is_rolled_back_and_named(plugin_installed):
+    from graphopt.passes.simplify import Simplify
+
+    class WrongSimplify(Simplify):
+        """Canonicalizes, then scales the first weight it finds: a wrong canonicalizer."""
+
+        def apply(self, model, only=None):
+            result = super().apply(model, only)
+            if result.modified:
+                weight = result.model.graph.initializer[0]
+                values = onnx.numpy_helper.to_array(weight) * 1.5
+                weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+            return result
+
+    model = load_case("core/identity_weights")
+    out, report = Pipeline([WrongSimplify()]).run(model)
+    [record] = report.passes
+    assert record.status == "rolled-back" and record.rolled_back[0].site == "(whole model)"
+    assert not report.equivalent
+    assert_equivalent(model, out)
+
+
+def test_skipping_simplify_turns_canonicalization_off(plugin_installed):
+    pipeline = Pipeline.from_spec("all,reweight-convs", skip=["simplify"], verify=False)
+    _, report = pipeline.run(load_case("core/identity_weights"))
+    assert "simplify" not in [p.name for p in report.passes] and not report.canonicalize
+
+
+def conv_chain(length: int, last_weight_seed: int = 0) -> onnx.ModelProto:
+    nodes = [node("Conv", [f"c{i}", f"w{i}"], [f"c{i + 1}"], name=f"conv{i}", pads=[1, 1, 1, 1]) for i in range(length)]
+    weights = {f"w{i}": rand(16, 16, 3, 3, seed=i) for i in range(length)}  # 9 KiB each
+    weights[f"w{length - 1}"] = rand(16, 16, 3, 3, seed=100 + last_weight_seed)
+    return make_model(nodes, {"c0": [1, 16, 8, 8]}, [f"c{length}"], weights)
+
+
+def test_canonicalization_after_a_pass_holds_back_only_weights_two_nodes_from_any_change():
+    from graphopt.passes.simplify import Simplify, weights_far_from_changes
+
+    before, after = conv_chain(6), conv_chain(6, last_weight_seed=1)  # "a pass" rewrote conv5's weight
+    assert weights_far_from_changes(after, before) == {"w0", "w1", "w2"}
+    held_back = Simplify().apply(after, since=before).model
+    assert held_back.SerializeToString() == Simplify().apply(after).model.SerializeToString()

@@ -69,7 +69,8 @@ def test_rewrites_the_spatial_reduction_as_pooling(name):
 
 @pytest.mark.parametrize("name", KEPT)
 def test_leaves_a_reduction_that_is_no_spatial_pooling_alone(name):
-    assert_unchanged(case(name), ReduceToPool(), reason=KEPT[name])
+    # canonicalization would inline the If of mean_read_in_subgraph (its condition is constant)
+    assert_unchanged(case(name), ReduceToPool(), reason=KEPT[name], canonicalize=name != "mean_read_in_subgraph")
 
 
 def test_pooling_writes_the_reductions_output_tensor():
@@ -119,27 +120,28 @@ def test_with_sum_as_pool_still_keeps_float16_sums():
                      reason="ReduceSum as pooling is float32 only")
 
 
-def test_two_equal_reductions_share_one_pool():
+def test_two_equal_reductions_end_as_one_pool_once_canonicalized():
     out, record = assert_rewrites_equivalently(case("two_means_without_keepdims"), ReduceToPool())
-    assert dict(op_counts(out)) == {"GlobalAveragePool": 1, "Squeeze": 2}
-    pool = only_node(out, "GlobalAveragePool")
-    assert [n.input[0] for n in out.graph.node if n.op_type == "Squeeze"] == [pool.output[0]] * 2
-    assert record.counters["nodes_shared"] == 1
+    assert record.counters == {"ReduceMean_to_GlobalAveragePool": 2}
+    pool = only_node(out, "GlobalAveragePool")  # canonicalization merged the two equal pools
+    squeezes = [n for n in out.graph.node if n.op_type == "Squeeze"]
+    assert len(squeezes) in (1, 2) and all(n.input[0] == pool.output[0] for n in squeezes)
 
 
-def test_a_reduction_beside_an_equal_global_pool_reads_that_pool():
-    out, record = assert_rewrites_equivalently(case("mean_beside_global_pool"), ReduceToPool())
+def test_a_reduction_beside_an_equal_global_pool_ends_as_that_pool_once_canonicalized():
+    out, _ = assert_rewrites_equivalently(case("mean_beside_global_pool"), ReduceToPool())
     assert dict(op_counts(out)) == {"GlobalAveragePool": 1, "Relu": 1, "Sigmoid": 1}
-    assert only_node(out, "Relu").input[0] == "p" and record.counters["nodes_shared"] == 1
+    pool = only_node(out, "GlobalAveragePool")
+    assert only_node(out, "Relu").input[0] == only_node(out, "Sigmoid").input[0] == pool.output[0]
 
 
-def test_a_reduction_that_writes_a_graph_output_keeps_its_own_pool_and_an_equal_pool_gives_way():
+def test_a_reduction_that_writes_a_graph_output_keeps_its_pool_and_an_equal_pool_merges_into_it():
     # Two equal pools would be merged by onnxsim when `all` runs again (tests/test_fuzz.py).
     model = case("mean_as_graph_output_beside_global_pool")
-    out, record = assert_rewrites_equivalently(model, ReduceToPool())
+    out, _ = assert_rewrites_equivalently(model, ReduceToPool())
     assert dict(op_counts(out)) == {"GlobalAveragePool": 1, "Sigmoid": 1}
     assert [n.input[0] for n in out.graph.node if n.op_type == "Sigmoid"] == ["m"]
-    assert out.graph.output == model.graph.output and record.counters["nodes_shared"] == 1
+    assert out.graph.output == model.graph.output
 
 
 @pytest.mark.zoo
