@@ -31,6 +31,9 @@ from graphopt.spec import format_pass, format_spec, parse_spec
 from graphopt.verify import Outputs, Tolerance, Verdict, Verifier, compare_outputs
 
 Progress = Callable[[str], None]
+# Called after every step (a pass, or the canonicalization after one) with its record and the
+# model it leaves; `graphopt lint` follows its findings through them. The model must not be changed.
+Observer = Callable[[PassRecord, onnx.ModelProto], None]
 
 # The pass that establishes the canonical form every other pass may assume (ARCHITECTURE.md).
 CANONICALIZER = "simplify"
@@ -71,8 +74,10 @@ class Pipeline:
         backend: str = "auto",
         progress: Progress | None = None,
         canonicalize: bool = True,
+        observer: Observer | None = None,
     ) -> None:
         self.passes = list(passes)
+        self.observer = observer
         self.canonicalizer = _canonicalizer(self.passes) if canonicalize else None
         self.verify = verify
         self.strict = strict
@@ -132,6 +137,8 @@ class Pipeline:
             collect()
             flops = record.flops_after
             report.passes.append(record)
+            if self.observer is not None:
+                self.observer(record, working)
             return record
 
         with _collect_between_passes() as collect:

@@ -510,6 +510,18 @@ def test_all_fixes_every_finding_lint_names_a_fix_for_on_real_architectures(name
 
 
 @pytest.mark.zoo
+@pytest.mark.parametrize("name", ["det_head", "squeezenet1_0", "fc_head_classifier", "se_block"])
+def test_the_passes_a_fix_names_fix_it_on_their_own_on_raw_exporter_output(name):
+    report = linted_zoo(name, "fp16")
+    specs = {f.fix_pass for f in report.findings if f.fix_pass}
+    assert specs
+    for spec in specs:
+        after = lint_model(run_unverified(zoo_model(name), spec), "fp16", fixes=False)
+        promised = [f for f in report.findings if f.fix_pass == spec]
+        assert not [f for f in kept_after(report, after) if f in promised], f"{spec} left findings it was named for"
+
+
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", ["det_head", "squeezenet1_0"])
 def test_int8_alignment_fixes_name_the_alignment_and_keep_their_promise(name):
     report = linted_zoo(name, "int8")

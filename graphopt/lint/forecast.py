@@ -1,19 +1,20 @@
 """Which pass fixes a finding: lint asks the passes instead of guessing their rules.
 
-Lint runs the default pipeline on the model, one pass at a time and unverified, so that each
-pass's own `find_sites` decides what it rewrites, on the graph that pass sees in `all`. It lints
-the model after every pass that changed it and follows each finding from one model to the next
-(`match_findings`: by subject, then by likeness). A pass keeps a finding (perhaps renaming its
-nodes), resolves it, or turns it into findings of the same kind about a tensor they share: two
-narrow sibling Convs merged into one Conv become the alignment finding of that Conv. A finding
-of which nothing is left after the last pass is fixed, and its fix is the passes that touched
-it, in pipeline order (`merge-convs,pad-channels`). A finding left over has no fix; where passes
-changed it on the way, its detail says what the pipeline leaves.
+Lint runs the default pipeline on the model, unverified (each pass's own `find_sites` decides
+what it rewrites, on the canonical graph that pass sees in `all`), lints the model after every
+step that changed it (a pass, or the canonicalization after one) and follows each finding from
+one model to the next (`match_findings`: by subject, then by likeness). A step keeps a finding
+(perhaps renaming its nodes), resolves it, or turns it into findings of the same kind about a
+tensor they share: two narrow sibling Convs merged into one Conv become the alignment finding of
+that Conv. A finding of which nothing is left after the last step is fixed, and its fix is the
+passes that touched it, in pipeline order (`merge-convs,pad-channels`); what the canonicalization
+after a pass does counts as that pass's doing, as it does in `graphopt run`. A finding left over
+has no fix; where the passes changed it on the way, its detail says what the pipeline leaves.
 
 The int8 alignment rules (multiples of 16 and of 32) are met only by pad-channels with that
 alignment, so for their findings the pipeline is `all(pad-channels.align=16)` or
-`all(pad-channels.align=32)`, sharing every model before pad-channels, and the fix names the
-option. Everything else follows plain `all`.
+`all(pad-channels.align=32)`, and the fix names the option; the other int8 findings follow the
+second. fp16 findings follow plain `all`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import onnx
 
 from graphopt.lint import alignment
 from graphopt.lint.findings import Finding, FindingsDiff, Precision, match_findings
-from graphopt.passbase import GraphPass
 from graphopt.pipeline import Pipeline
 from graphopt.registry import default_order, get_pass
-from graphopt.spec import format_pass, parse_spec
+from graphopt.report import INPUT, PassRecord
+from graphopt.spec import parse_spec
 
 DEFAULT_PIPELINE = "all"
 PADDING_PASS = "pad-channels"
@@ -40,11 +41,11 @@ Lint = Callable[[onnx.ModelProto], list[Finding]]
 
 @dataclass(frozen=True)
 class Stage:
-    """A pass that changed the model, and the findings after it."""
+    """A step that changed the model, and the findings after it."""
 
-    graph_pass: GraphPass
+    step: str  # the pass it is the doing of, as a spec item: `pad-channels(align=16)`
     findings: list[Finding]
-    diff: FindingsDiff  # from the findings before this pass
+    diff: FindingsDiff  # from the findings before this step
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,15 @@ class Trail:
     """What became of one finding: the passes that touched it and what is left at the end."""
 
     touched: list[str]  # the passes, as spec items, in pipeline order
-    left: list[Finding]  # what the last pass leaves of it; empty when fixed
+    left: list[Finding]  # what the last step leaves of it; empty when fixed
     last_seen: list[tuple[int, int]]  # (stage, finding) it was last seen as, before it was resolved
 
 
 def pipeline_for(finding: Finding, precision: Precision) -> str:
-    """The pipeline that can fix this finding: `all`, or `all` padding to its alignment rule."""
-    rule = next((r for r in alignment.RULES[precision] if r.name == finding.rule), None)
-    if rule is None or PADDING_PASS not in default_order() or rule.align == get_pass(PADDING_PASS).Options().alignment:
+    """The pipeline that can fix this finding: `all`, or `all` padding to an alignment rule."""
+    rules = alignment.RULES[precision]
+    rule = next((r for r in rules if r.name == finding.rule), rules[-1])  # others: the strictest rule
+    if PADDING_PASS not in default_order() or rule.align == get_pass(PADDING_PASS).Options().alignment:
         return DEFAULT_PIPELINE
     return f"{DEFAULT_PIPELINE}({PADDING_PASS}.align={rule.align})"
 
@@ -70,7 +72,7 @@ def forecast_fixes(model: onnx.ModelProto, findings: Sequence[Finding], precisio
     findings = list(findings)
     chosen = [pipeline_for(f, precision) for f in findings]
     pipelines = sorted(set(chosen))
-    runs = _run_pipelines(model, findings, pipelines, lint)
+    runs = {pipeline: _stages(model, findings, pipeline, lint) for pipeline in pipelines}
     result = list(findings)
     for pipeline in pipelines:
         trails = {i: _follow(i, findings, runs[pipeline]) for i, p in enumerate(chosen) if p == pipeline}
@@ -78,32 +80,30 @@ def forecast_fixes(model: onnx.ModelProto, findings: Sequence[Finding], precisio
         sharers = Counter(seen for trail in trails.values() if not trail.left for seen in trail.last_seen)
         for i, trail in trails.items():
             result[i] = _with_fix(findings[i], trail, runs[pipeline], sharers, pipeline)
-    changed = {s.graph_pass.name for stages in runs.values() for s in stages}
+    changed = dict.fromkeys(s.step for stages in runs.values() for s in stages)
     notes.append(f"fixes: lint ran {' and '.join(f'`{p}`' for p in pipelines) or 'no pipeline'} without verification; "
-                 f"passes that changed the model: {', '.join(n for n in default_order() if n in changed) or 'none'}")
+                 f"passes that changed the model: {', '.join(changed) or 'none'}")
     return result
 
 
-def _run_pipelines(model: onnx.ModelProto, findings: list[Finding], pipelines: list[str], lint: Lint) -> dict[str, list[Stage]]:
-    """The stages of each pipeline; a prefix shared by two pipelines runs once."""
-    done: dict[tuple[str, ...], tuple[onnx.ModelProto, list[Finding], Stage | None]] = {}
-    runs = {}
-    for pipeline in pipelines:
-        current, current_findings, prefix, stages = model, findings, (), []
-        for graph_pass in parse_spec(pipeline):
-            prefix += (format_pass(graph_pass),)
-            if prefix not in done:
-                out, report = Pipeline([graph_pass], verify=False).run(current)
-                if report.passes[0].changed:
-                    after = lint(out)
-                    done[prefix] = (out, after, Stage(graph_pass, after, match_findings(current_findings, after)))
-                else:
-                    done[prefix] = (current, current_findings, None)
-            current, current_findings, stage = done[prefix]
-            if stage is not None:
-                stages.append(stage)
-        runs[pipeline] = stages
-    return runs
+def _stages(model: onnx.ModelProto, findings: list[Finding], pipeline: str, lint: Lint) -> list[Stage]:
+    """Run `pipeline` on `model` and lint the model after every step that changed it."""
+    stages: list[Stage] = []
+    current, last_pass = findings, None
+
+    def observe(record: PassRecord, after_step: onnx.ModelProto) -> None:
+        nonlocal current, last_pass
+        if not record.canonicalization:
+            last_pass = record.spec
+        if record.changed:
+            # The canonical form before the first pass is simplify's doing; after a pass, that pass's.
+            step = record.spec if not record.canonicalization or record.after == INPUT else last_pass
+            after = lint(after_step)
+            stages.append(Stage(step, after, match_findings(current, after)))
+            current = after
+
+    Pipeline(parse_spec(pipeline), verify=False, observer=observe).run(model)
+    return stages
 
 
 def _follow(index: int, findings: list[Finding], stages: list[Stage]) -> Trail:
@@ -117,10 +117,10 @@ def _follow(index: int, findings: list[Finding], stages: list[Stage]) -> Trail:
         for i in current:
             if i in kept:
                 if stage.findings[kept[i]].nodes != previous[i].nodes:
-                    touched.append(format_pass(stage.graph_pass))
+                    touched.append(stage.step)
                 following.append(kept[i])
             else:
-                touched.append(format_pass(stage.graph_pass))
+                touched.append(stage.step)
                 following += [j for j in stage.diff.new if _became(previous[i], stage.findings[j])]
         previous, current = stage.findings, sorted(set(following))
         if current:
