@@ -153,19 +153,23 @@ def match_findings(before: Sequence[Finding], after: Sequence[Finding]) -> Findi
     fc-to-conv turned into a Conv of 1000 channels is the same problem.
     """
     kept: list[tuple[int, int]] = []
-    unpaired_before, unpaired_after = list(range(len(before))), list(range(len(after)))
-    for describe in (lambda f: f.key, lambda f: None if f.likeness is None else (f.code, f.rule, f.likeness)):
+    left_before, left_after = list(range(len(before))), list(range(len(after)))
+    for describe in (_key, _likeness):
         waiting: dict[Any, list[int]] = {}
-        for j in unpaired_after:
+        for j in left_after:
             if (key := describe(after[j])) is not None:
                 waiting.setdefault(key, []).append(j)
-        still_before = []
-        for i in unpaired_before:
-            candidates = waiting.get(describe(before[i])) if describe(before[i]) is not None else None
-            if candidates:
-                kept.append((i, candidates.pop(0)))
-            else:
-                still_before.append(i)
-        paired_after = {j for _, j in kept}
-        unpaired_before, unpaired_after = still_before, [j for j in unpaired_after if j not in paired_after]
-    return FindingsDiff(sorted(kept), unpaired_before, unpaired_after)
+        pairs = [(i, waiting[key].pop(0)) for i in left_before if (key := describe(before[i])) is not None and waiting.get(key)]
+        kept += pairs
+        paired_before, paired_after = {i for i, _ in pairs}, {j for _, j in pairs}
+        left_before = [i for i in left_before if i not in paired_before]
+        left_after = [j for j in left_after if j not in paired_after]
+    return FindingsDiff(sorted(kept), left_before, left_after)
+
+
+def _key(finding: Finding) -> tuple:
+    return finding.key
+
+
+def _likeness(finding: Finding) -> tuple | None:
+    return None if finding.likeness is None else (finding.code, finding.rule, finding.likeness)
