@@ -277,6 +277,14 @@ def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant
     return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
+def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Weights computed in float64, cast to `dtype`; None where a finite value overflows it
+    (float16 ends at 65504), so that a fold declines instead of writing Inf."""
+    with np.errstate(over="ignore"):  # overflow is what this checks for
+        cast = values.astype(dtype)
+    return None if np.any(np.isinf(cast) & np.isfinite(values)) else cast
+
+
 def unique_name(graph: gs.Graph, stem: str) -> str:
     """A tensor or node name unused anywhere in the graph, its subgraphs included.
 
@@ -413,3 +421,40 @@ def opset_version(graph: gs.Graph) -> int:
 
 def node_names(nodes: Sequence[gs.Node]) -> str:
     return ",".join(n.name for n in nodes)
+
+
+def live_channels(weight: Weight, axis: int, bias: np.ndarray | None = None) -> int:
+    """Channels of `weight` along `axis` up to the last one that computes something.
+
+    pad-channels appends zero channels: zero filters (with zero bias) and zero input weights, a
+    quantized weight's zero point being its zero. A FLOP-based decision that counted them as work
+    would change on the next run of `all` (merge-convs' FLOP growth, pad-channels' own overhead):
+    they are not work. `bias` (for axis 0) keeps a zero filter with a bias alive. A weight with no
+    non-zero channel counts all of them.
+    """
+    stored, quantization = weight.stored, weight.quantization
+    if quantization is None or quantization.quantize is not None:  # a float zero quantizes to the zero point
+        nonzero = stored != 0
+    else:
+        zero_point = quantization.zero_point.astype(np.int64)
+        if quantization.axis is not None:
+            zero_point = zero_point.reshape([-1 if a == quantization.axis else 1 for a in range(stored.ndim)])
+        nonzero = stored.astype(np.int64) != zero_point
+    live = np.any(nonzero, axis=tuple(a for a in range(stored.ndim) if a != axis))
+    if bias is not None:
+        live = live | (bias != 0)
+    read = np.flatnonzero(live)
+    return int(read[-1]) + 1 if read.size else stored.shape[axis]
+
+
+def set_split_sizes(graph: gs.Graph, split: gs.Node, sizes: Sequence[int]) -> None:
+    """Give a Split explicit sizes: an int64 input from opset 13 on, the `split` attribute before."""
+    split.attrs.pop("num_outputs", None)
+    if opset_version(graph) < 13:
+        split.attrs["split"] = [int(s) for s in sizes]
+        return
+    tensor = make_constant(graph, f"{split.name}_sizes", np.array(sizes, dtype=np.int64))
+    if len(split.inputs) > 1:
+        split.inputs[1] = tensor
+    else:
+        split.inputs.append(tensor)

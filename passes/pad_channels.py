@@ -1,76 +1,37 @@
-"""pad-channels: pad unaligned Conv channel counts with zero filters, up to a multiple of `align`.
+"""pad-channels: pad unaligned Conv output channels with zero filters, up to a multiple of `align`.
 
-Matches: a Conv (group 1, constant or DequantizeLinear'd constant weight, static output shape)
-whose output channel count C is not a multiple of the alignment (8 for `precision=fp16`, 32 for
-`int8`, or an explicit `align`). Such a conv is the root of a *site*: everything that must change
-with it so that the graph still computes the same outputs.
+Matches a Conv (group 1; its weight a constant, or int8/uint8 integers behind a DequantizeLinear
+per tensor or per output channel; static output shape) whose output channel count C is not a
+multiple of the alignment: 8 for `precision=fp16`, 32 for `int8`, or `align`. The conv roots a
+*site*: everything that must change with it for the graph to compute the same outputs.
 
-Emits, per site (C -> Cp = C rounded up to the alignment):
-  1. the root conv with Cp - C extra output filters, all zero, and zero bias;
-  2. the extra channels carried through the channel-wise ops that read them: activations
-     (Relu, Clip, LeakyRelu, HardSwish, HardSigmoid, Sigmoid, Tanh, Identity), pooling
-     (MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool), Reduce{Mean,Max,Min,Sum} over
-     spatial axes only, BatchNormalization (extra scale/bias/mean/var = 1/0/0/1), Add/Sub/Mul/Div
-     with a constant per-channel operand (extra entries 0 for Add/Sub, 1 for Mul/Div), per-tensor
-     and per-channel (axis 1) QuantizeLinear/DequantizeLinear (extra scale 1, zero point 0),
-     a depthwise conv (group = C, one filter per channel: extra zero filters, group = Cp), and
-     Add/Sub/Mul of two activations that are both padded by this same site;
-  3. where the extra channels end: a Conv (group 1) that reads them gets zero input weights for
-     them; a Split on axis 1 with known sizes gets one more output, of Cp - C channels, that
-     nothing reads (the shape merge-convs emits); anything else (Concat, Flatten, Reshape, Gemm,
-     Softmax, grouped conv, a graph output, ...) reads a Slice back to the first C channels.
-Graph outputs keep their name, dtype and shape: the Slice writes the original tensor.
+Emits, for C -> Cp (C rounded up to the alignment):
+  1. the root conv with Cp - C zero filters and zero bias;
+  2. the extra channels carried through the channel-wise ops that read them: activations, pools,
+     spatial reductions, BatchNormalization, Add/Sub/Mul/Div by a constant (per-channel entries
+     grow with 0 or 1), per-tensor and per-channel (axis 1) Q/DQ, depthwise convs, and
+     Add/Sub/Mul of two tensors both padded by the site (a residual Add, SiLU's x * sigmoid(x):
+     the convs behind both operands become roots of one site);
+  3. where they end: zero input weights in a group-1 Conv; one more, unread output of a Split on
+     axis 1 (the shape merge-convs emits); for anything else, and for graph outputs, a Slice back
+     to C channels that writes the original tensor, so graph outputs keep name, dtype and shape.
+The extra channels hold finite values (0 out of the root, then what channel-wise ops make of 0)
+that no real channel reads. A padded tensor is never a divisor: 1/0 would be inf, and 0 * inf NaN.
 
-Why it is exact: the padded channels of every carried tensor hold finite values (0 out of the
-root, then e.g. 0.5 after Sigmoid, 1/sqrt(1+eps)*x after the padded BatchNormalization), and the
-real channels never read them, since every carried op is channel-wise. Where they end, the values
-are multiplied by zero weights, dropped by the Slice, or sent to a Split output nobody reads.
-Dividing by a padded tensor could make inf or NaN there, and 0 * NaN is NaN. So a padded tensor
-may only be a dividend, and only by a constant.
+`pad_first_layer` also pads a graph input's unaligned channels (RGB) with a Pad op; off by default.
 
-Site. Two roots whose padded tensors meet (a residual Add of two unaligned convs, a SiLU
-x * sigmoid(x)) are one site: when a binary op needs its other operand padded too, the pass walks
-up from that operand through carried ops to its root conv and adds the conv to the site. If that
-walk fails, the op reads the Slice instead. Sites share no tensor, so the manager can apply any
-subset of them. Two sites may touch the same conv's weight on different axes (one pads its
-outputs, one its inputs); each reads the weight the graph holds at that moment, so they compose
-in either order.
+Why TensorRT benefits: Tensor Core kernels read channels in vectors, 8 for FP16 (kHWC8) and 32
+for INT8 (kCHW32, NVIDIA/TensorRT#1310). TensorRT pads internally as well, with reformat layers
+where layouts meet (NVIDIA/TensorRT#3876); a pad in the graph saves those inside a site and adds
+a Slice at its edges. Measured on cuDNN FP16 (not TensorRT): unaligned 3x3 layers ran 1.3x-2.1x
+faster padded to 8, while aligned layers gained nothing from 16 or 32. Hence fp16 -> 8, an aligned
+layer is never padded, and `max_overhead` (extra FLOPs over the FLOPs of the convs a site touches,
+default 0.5) keeps 1->8, 3->8 and 4->8 out. Citations, measurements and why the rewrite is exact:
+docs/passes/pad-channels.md. The report gives each site's FLOPs before and after.
 
-`pad_first_layer`: a conv that reads a graph input with unaligned channels (RGB, 3) keeps its
-input alone by default. When asked, the input goes through a Pad with zeros, and the conv gets
-zero input weights for the new channels. That Pad copies the input data on every inference.
-
-Why TensorRT benefits (and where it does not):
-  * Tensor Core convolution kernels work on channel vectors. TensorRT's FP16 kHWC8 format rounds C
-    up to a multiple of 8, and kCHW32 packs 32-channel vectors, the INT8 layout (TensorRT "Data
-    Format Descriptions", docs.nvidia.com/deeplearning/tensorrt/latest/reference/
-    data-format-desc.html). A TensorRT maintainer wrote that "when INT8 tensor core is used, the
-    algorithm expect the C%32 == 0, so there would be extra padding for many of the conv that
-    has C=18, 36" (NVIDIA/TensorRT#1310). That is where the 32 for `int8` comes from.
-  * TensorRT already pads internally: it picks a format per layer and inserts reformat layers
-    between them ("I/O Formats", TensorRT docs). NVIDIA/TensorRT#3876 shows a conv with 25 output
-    channels writing "Channel major FP16 format where channel % 8 == 0" into a "Reformatted Output
-    Tensor". So under TensorRT, the kernels probably run on padded vectors either way (an
-    inference, not measured here). What an ONNX-level pad can still save is the reformats and
-    copies where padded and unpadded layouts meet inside a site. At the edges of a site it adds a
-    Slice, itself a copy, so a site that only ends in Slices may gain nothing under TensorRT.
-  * The measured gain (shared/evidence/h100-conv-probe.md) is cuDNN FP16 on an H100 through
-    PyTorch, not TensorRT. 3x3 layers with 17, 30 or 100 channels ran 1.4x to 2.1x faster padded
-    to a multiple of 8, at batch 1 and 32. 1x1 layers (100->200, 116->116) ran 0.8-0.9x at batch 1
-    and 1.1-2.3x at batch 32. Layers already at a multiple of 8 gained nothing from 16 or 32 and
-    sometimes lost 10-20%. Hence: fp16 -> 8 by default, an aligned layer is never padded, and a
-    larger `align` is opt-in. INT8 was not measured. The pass promises no speedup: measure the
-    engine.
-
-`max_overhead` caps the extra FLOPs of a site: root convs' extra outputs, consumer convs' extra
-inputs and carried depthwise convs, over those convs' FLOPs. The default is 0.5, not 0.25: the
-measured 17->24 case adds 41% to each conv it touches and ran about 2x faster. The cap still
-keeps out 1->8, 3->8 and 4->8 (700%, 167%, 100%), which were never shown to pay.
-
-Declines (counted by reason): grouped/depthwise roots, already aligned outputs, runtime or
-non-float weights, quantized weights other than per-tensor or per-output-channel (axis 0) int8/
-uint8, unknown spatial sizes (FLOPs cannot be bounded), FLOP overhead above `max_overhead`, a
-padded tensor read from inside a subgraph or without a known channel count, opset below 11.
+Declines, counted by reason: grouped or aligned roots; runtime, non-float or otherwise quantized
+weights; unknown spatial sizes; overhead above `max_overhead`; a padded tensor read in a subgraph
+or of unknown channel count; a graph input unless `pad_first_layer`; opset below 11.
 """
 
 from __future__ import annotations
@@ -87,28 +48,28 @@ import onnx_graphsurgeon as gs
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
-    nodes_with_op,
     constant_value,
     is_graph_output,
+    live_channels,
     make_constant,
+    nodes_with_op,
     opset_version,
-    static_shape,
+    set_split_sizes,
     unique_name,
     used_in_subgraph,
+    weight,
 )
 from graphopt.passbase import GraphPass, PassStats, Site
 
 ALIGN_FOR_PRECISION = {"fp16": 8, "int8": 32}
 VALID_ALIGNS = (8, 16, 32)
-QUANT_TYPES = (np.int8, np.uint8)
+QUANTIZED_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 MIN_OPSET = 11  # Slice and Pad take their parameters as inputs from here on
-# graphsurgeon imports a node without a domain field (all exporter output) with domain None,
 
 # Ops that compute each output channel from the same input channel only.
-UNARY_CHANNELWISE = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "Identity"}
+UNARY = {"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh"}
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"}
-BINARY = {"Add", "Sub", "Mul", "Div"}
 NEUTRAL_FILL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
 # BatchNormalization inputs 1-4 (scale, bias, mean, var): the extra channels get y = x / sqrt(1 + eps).
 BATCHNORM_FILL = {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0}
@@ -147,62 +108,40 @@ class PadChannelsOptions:
         return self.align if self.align is not None else ALIGN_FOR_PRECISION[self.precision]
 
 
-# -- what a site changes ------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ConstantPad:
-    """Input `index` of `node` is a constant that grows along `axis` with `fill`."""
+    """The reader's input `index` is a constant that grows along `axis` with `fill`."""
 
-    node: gs.Node
     index: int
     axis: int
     fill: float
 
 
-@dataclass
-class ChannelSite:
-    """One root conv (or several whose tensors meet) and everything that grows with it."""
-
-    channels: int
-    padded: int
-    roots: list[gs.Node] = field(default_factory=list)
-    tensors: list[gs.Variable] = field(default_factory=list)  # tensors whose channel axis grows
-    padded_uses: dict[str, list[tuple[gs.Node, int]]] = field(default_factory=dict)  # readers of the padded tensor
-    constant_pads: list[ConstantPad] = field(default_factory=list)
-    input_convs: list[gs.Node] = field(default_factory=list)  # get zero input weights
-    depthwise: list[gs.Node] = field(default_factory=list)  # carried: zero filters, group = padded
-    splits: list[gs.Node] = field(default_factory=list)  # get an extra, unread output
-    sliced: list[str] = field(default_factory=list)  # tensors whose other readers get a Slice
-    costs: list[ConvCost] = field(default_factory=list)  # measured before any site is rewritten
-
-
-@dataclass
-class InputSite:
-    """A graph input with unaligned channels, padded with a Pad op for the convs that read it."""
-
-    tensor: gs.Variable
-    channels: int
-    padded: int
-    convs: list[gs.Node]
-    costs: list[ConvCost] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class ConvCost:
-    """FLOPs of one conv before and after a site, for the report."""
+    """One conv a site touches: channels and FLOPs (batch 1) before and after."""
 
     conv: str
     out_channels: tuple[int, int]
     in_channels: tuple[int, int]
     flops: tuple[int, int]
 
-    @property
-    def overhead(self) -> float:
-        return (self.flops[1] - self.flops[0]) / self.flops[0]
 
+@dataclass
+class ChannelSite:
+    """Padded tensors that meet (a residual Add, x * sigmoid(x)) and everything that grows with them."""
 
-# -- the pass -------------------------------------------------------------------------------------
+    channels: int
+    padded: int
+    roots: list[gs.Node] = field(default_factory=list)  # convs whose outputs grow, with zero filters
+    graph_input: gs.Variable | None = None  # or the graph input a Pad grows (pad_first_layer)
+    tensors: list[gs.Variable] = field(default_factory=list)  # tensors whose channel axis grows
+    readers: list[Reader] = field(default_factory=list)  # who reads a site tensor padded, and how
+    sliced: list[str] = field(default_factory=list)  # tensors still read unpadded: a Slice writes them
+    costs: list[ConvCost] = field(default_factory=list)  # measured before any site is rewritten
+
+    def readers_as(self, role: Role) -> list[gs.Node]:
+        return [reader.node for reader in self.readers if reader.decision.role is role]
 
 
 class PadChannels(GraphPass[PadChannelsOptions]):
@@ -216,17 +155,14 @@ class PadChannels(GraphPass[PadChannelsOptions]):
             stats.skip(SKIP_OPSET)
             return []
         align = self.options.alignment
-        sites: list[Site] = []
-        claimed: set[str] = set()
+        roots = []
         for conv in nodes_with_op(graph, "Conv"):
-            if conv.name in claimed:
-                continue
             if (reason := root_problem(conv, align)) is not None:
                 stats.skip(reason)
-                continue
-            channels = conv.outputs[0].shape[1]
-            planner = SitePlanner(graph, channels, round_up(channels, align), align, claimed)
-            site, reason = planner.plan(conv)
+            else:
+                roots.append(conv)
+        sites = []
+        for site, reason in plan_sites(graph, roots, align):
             if reason is None:
                 site.costs = site_costs(site)
                 reason = self.overhead_problem(site.costs)
@@ -234,8 +170,7 @@ class PadChannels(GraphPass[PadChannelsOptions]):
                 stats.skip(reason)
                 continue
             sites.append(Site("conv:" + ",".join(sorted(r.name for r in site.roots)), site))
-        sites.extend(self.find_input_sites(graph, stats))
-        return sites
+        return sites + self.find_input_sites(graph, stats)
 
     def find_input_sites(self, graph: gs.Graph, stats: PassStats) -> list[Site]:
         align = self.options.alignment
@@ -247,16 +182,17 @@ class PadChannels(GraphPass[PadChannelsOptions]):
             channels = shape[1]
             if channels % align == 0:
                 continue
-            convs = [n for n in tensor.outputs if n.op == "Conv" and n.domain in DEFAULT_DOMAINS and n.inputs[0] is tensor]
-            convs = [c for c in convs if input_conv_problem(c, channels) is None]
+            convs = [n for n, i in uses(tensor) if n.op == "Conv" and n.domain in DEFAULT_DOMAINS and i == 0]
+            convs = [c for c in convs if conv_problem(c, in_per_group=channels) is None]
             if not convs:
                 continue
             if not self.options.pad_first_layer:
                 for _ in convs:
                     stats.skip(SKIP_FIRST_LAYER)
                 continue
-            site = InputSite(tensor, channels, round_up(channels, align), convs)
-            site.costs = input_site_costs(site)
+            site = ChannelSite(channels, round_up(channels, align), graph_input=tensor,
+                               readers=[Reader(conv, 0, Decision(Role.ABSORB_CONV)) for conv in convs])
+            site.costs = site_costs(site)
             if (reason := self.overhead_problem(site.costs)) is not None:
                 stats.skip(reason)
                 continue
@@ -264,36 +200,31 @@ class PadChannels(GraphPass[PadChannelsOptions]):
         return sites
 
     def overhead_problem(self, costs: list[ConvCost]) -> str | None:
-        before = sum(c.flops[0] for c in costs)
-        after = sum(c.flops[1] for c in costs)
+        before, after = total_flops(costs)
         if before <= 0:
             return SKIP_SHAPE
         return SKIP_OVERHEAD if (after - before) / before > self.options.max_overhead else None
 
     def rewrite_site(self, graph: gs.Graph, site: Site, stats: PassStats) -> None:
-        payload = site.payload
-        if isinstance(payload, InputSite):
-            pad_graph_input(graph, payload)
-            stats.counters["input_channels_padded"] += payload.padded - payload.channels
+        padding = site.payload
+        pad_site(graph, padding)
+        grown = padding.padded - padding.channels
+        if padding.graph_input is not None:
+            stats.counters["input_channels_padded"] += grown
         else:
-            pad_site(graph, payload)
-            stats.counters["channels_padded"] += len(payload.roots) * (payload.padded - payload.channels)
-            for counter, count in (("slices_inserted", len(payload.sliced)), ("split_outputs_added", len(payload.splits)),
-                                   ("depthwise_convs_carried", len(payload.depthwise))):
-                if count:
-                    stats.counters[counter] += count
-        costs = payload.costs
-        total_before = sum(c.flops[0] for c in costs)
-        site_overhead = (sum(c.flops[1] for c in costs) - total_before) / total_before
-        for cost in costs:
-            stats.details.append({
-                "site": site.key,
-                "conv": cost.conv,
-                "out_channels": list(cost.out_channels),
-                "in_channels": list(cost.in_channels),
-                "flops_overhead": round(cost.overhead, 4),
-                "site_flops_overhead": round(site_overhead, 4),
-            })
+            stats.counters["channels_padded"] += len(padding.roots) * grown
+        for counter, count in (("slices_inserted", len(padding.sliced)), ("split_outputs_added", len(padding.readers_as(Role.ABSORB_SPLIT))),
+                               ("depthwise_convs_carried", len(padding.readers_as(Role.DEPTHWISE)))):
+            if count:
+                stats.counters[counter] += count
+        before, after = total_flops(padding.costs)
+        stats.details.append({
+            "site": site.key,
+            "flops": [before, after],
+            "flops_overhead": round((after - before) / before, 4),
+            "convs": [{"conv": c.conv, "out_channels": list(c.out_channels), "in_channels": list(c.in_channels),
+                       "flops": list(c.flops)} for c in padding.costs],
+        })
 
 
 # -- preconditions --------------------------------------------------------------------------------
@@ -301,63 +232,60 @@ class PadChannels(GraphPass[PadChannelsOptions]):
 
 def root_problem(conv: gs.Node, align: int) -> str | None:
     """Why `conv` cannot have its output channels padded, or None."""
-    if conv.attrs.get("group", 1) != 1:
-        return SKIP_GROUPED
     shape = conv.outputs[0].shape
-    if shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] % align == 0:
+    if conv.attrs.get("group", 1) == 1 and shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] % align == 0:
         return SKIP_ALIGNED  # decided before the weight is read: most convs are aligned
-    weight = conv_weight(conv)
-    if isinstance(weight, str):
-        return weight
-    if weight.shape[0] % align == 0:
+    if (reason := conv_problem(conv)) is not None:
+        return reason
+    filters = weight(conv.inputs[1]).shape[0]
+    if filters % align == 0:
         return SKIP_ALIGNED
-    if len(conv.inputs) > 2 and conv.inputs[2].name and not _is_float_constant(conv.inputs[2]):
-        return SKIP_BIAS
-    if conv_geometry(conv) is None or conv.outputs[0].shape[1] != weight.shape[0]:
-        return SKIP_SHAPE
-    return None
+    return None if shape[1] == filters else SKIP_SHAPE
 
 
-def input_conv_problem(conv: gs.Node, channels: int) -> str | None:
-    """Why `conv` cannot take `channels` padded input channels with zero weights, or None."""
-    if conv.attrs.get("group", 1) != 1:
+def conv_problem(conv: gs.Node, group: int = 1, in_per_group: int | None = None) -> str | None:
+    """Why `conv`'s weight cannot grow, or None: it must have `group` groups, `in_per_group` input
+    channels per group (if given), a weight and bias `weight_problem` accepts, and a static output."""
+    if conv.attrs.get("group", 1) != group:
         return SKIP_GROUPED
-    weight = conv_weight(conv)
-    if isinstance(weight, str):
-        return weight
-    if weight.shape[1] != channels:
+    if (reason := weight_problem(conv)) is not None:
+        return reason
+    shape, out = weight(conv.inputs[1]).shape, conv.outputs[0].shape
+    if in_per_group is not None and shape[1] != in_per_group:
         return SKIP_UNKNOWN_CHANNELS
-    if conv_geometry(conv) is None:
+    if out is None or len(out) != len(shape) or not all(isinstance(d, int) and d >= 0 for d in out[1:]):
         return SKIP_SHAPE
     return None
 
 
-def depthwise_problem(conv: gs.Node, channels: int) -> str | None:
-    """Why `conv` cannot carry padded channels as a depthwise conv (one filter per channel)."""
-    weight = constant_value(conv.inputs[1])
-    if conv.attrs.get("group", 1) != channels or weight is None or weight.dtype not in FLOAT_DTYPES:
-        return SKIP_GROUPED
-    if weight.shape[:2] != (channels, 1):
-        return SKIP_GROUPED
-    if len(conv.inputs) > 2 and conv.inputs[2].name and not _is_float_constant(conv.inputs[2]):
+def weight_problem(conv: gs.Node) -> str | None:
+    """Why the conv's weight and bias cannot be padded, or None."""
+    conv_weight = weight(conv.inputs[1])
+    if conv_weight is None:
+        return SKIP_WEIGHT
+    if conv_weight.dtype not in FLOAT_DTYPES:
+        return SKIP_DTYPE
+    if (q := conv_weight.quantization) is not None and not (
+        q.axis in (None, 0) and q.zero_point.dtype in QUANTIZED_TYPES and q.zero_point.shape == q.scale.shape
+        and (q.quantize is not None or conv_weight.stored.dtype in QUANTIZED_TYPES)
+    ):
+        return SKIP_QUANT_LAYOUT
+    if has_bias(conv) and ((bias := weight(conv.inputs[2])) is None or bias.quantized or bias.dtype not in FLOAT_DTYPES):
         return SKIP_BIAS
-    if conv_geometry(conv) is None:
-        return SKIP_SHAPE
     return None
 
 
-def _is_float_constant(tensor: gs.Tensor) -> bool:
-    value = constant_value(tensor)
-    return value is not None and value.dtype in FLOAT_DTYPES
+def has_bias(conv: gs.Node) -> bool:
+    return len(conv.inputs) > 2 and bool(conv.inputs[2].name)
 
 
-# -- growing a site: which readers carry, absorb or slice ------------------------------------------
+# -- growing sites: where the padding of the root convs reaches ------------------------------------
 
 
 class Role(Enum):
     CARRY = "output is padded too"
     DEPTHWISE = "depthwise conv: output is padded too"
-    PAIR = "binary op: carries only if its other operand is padded by the same site"
+    PAIR = "binary op of two padded-size tensors: carries once both are padded, joining their sites"
     ABSORB_CONV = "conv: zero input weights for the extra channels"
     ABSORB_SPLIT = "split: one more output, unread"
     SLICE = "reads a Slice back to the true channel count"
@@ -366,287 +294,230 @@ class Role(Enum):
 @dataclass(frozen=True)
 class Decision:
     role: Role
-    pads: tuple[ConstantPad, ...] = ()
+    pads: tuple[ConstantPad, ...] = ()  # constant inputs that grow with the channels
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Input `index` of `node` reads a site tensor, and takes it padded as `decision` says."""
+
+    node: gs.Node
+    index: int
+    decision: Decision
 
 
 SLICE = Decision(Role.SLICE)
 CARRY = Decision(Role.CARRY)
 
 
-class SitePlanner:
-    """Grows one site from a root conv: follows the padded tensors to where their padding ends."""
+def plan_sites(graph: gs.Graph, roots: list[gs.Node], align: int) -> list[tuple[ChannelSite, str | None]]:
+    """The sites the roots' padding makes, in graph order, each with a reason to decline it or None."""
+    reach = Reach(graph)
+    for root in roots:
+        reach.add(root.outputs[0], root.outputs[0].shape[1])
+    reach.follow()
+    sites: dict[str, ChannelSite] = {}
+    for root in roots:
+        channels = root.outputs[0].shape[1]
+        site = sites.setdefault(reach.find(root.outputs[0].name), ChannelSite(channels, round_up(channels, align)))
+        site.roots.append(root)
+    for name, tensor in reach.tensors.items():
+        sites[reach.find(name)].tensors.append(tensor)
+    for reader in reach.readers:
+        sites[reach.find(reader.node.inputs[reader.index].name)].readers.append(reader)
+    for site in sites.values():
+        site.sliced = [t.name for t in site.tensors if needs_slice(graph, site, t)]
+    return [(site, tensor_problem(graph, site)) for site in sites.values()]
 
-    def __init__(self, graph: gs.Graph, channels: int, padded: int, align: int, claimed: set[str]) -> None:
+
+class Reach:
+    """Where padding flows: from root outputs through every reader that carries it.
+
+    Tensors that padding reaches are joined (union-find) with the tensor they were carried from;
+    a binary op of two tensors of the padded size carries once both are reached, joining them.
+    So tensors that meet (a residual Add of two convs' outputs) end in one set: one site.
+    """
+
+    def __init__(self, graph: gs.Graph) -> None:
         self.graph = graph
-        self.align = align
-        self.claimed = claimed
-        self.site = ChannelSite(channels, padded)
+        self.tensors: dict[str, gs.Variable] = {}  # reached tensors, in the order reached
+        self.channels: dict[str, int] = {}  # the true channel count of each
+        self.parent: dict[str, str] = {}
+        self.readers: list[Reader] = []  # who reads a reached tensor padded
+        self.pairs: dict[str, tuple[gs.Node, int]] = {}  # binary ops waiting for their other operand
+        self.paired: set[str] = set()  # binary ops carried
         self.queue: deque[gs.Variable] = deque()
-        self.padded_names: set[str] = set()  # in the site or queued for it
-        self.pending: list[gs.Node] = []  # binary ops waiting for their other operand
 
-    @property
-    def channels(self) -> int:
-        return self.site.channels
-
-    def plan(self, root: gs.Node) -> tuple[ChannelSite, str | None]:
-        """The site grown from `root`, and a reason to decline it (None if it can be rewritten)."""
-        self.add_root(root)
-        while True:
-            if (reason := self.follow_queue()) is not None:
-                return self.site, reason
-            if not self.resolve_pending():
-                break
-        self.site.sliced = [t.name for t in self.site.tensors if self.needs_slice(t)]
-        return self.site, None
-
-    def add_root(self, conv: gs.Node) -> None:
-        self.site.roots.append(conv)
-        self.claimed.add(conv.name)
-        self.enqueue(conv.outputs[0])
-
-    def enqueue(self, tensor: gs.Variable) -> None:
-        if tensor.name not in self.padded_names:
-            self.padded_names.add(tensor.name)
+    def add(self, tensor: gs.Variable, channels: int, joined_to: str | None = None) -> None:
+        if tensor.name not in self.tensors:
+            self.tensors[tensor.name], self.channels[tensor.name], self.parent[tensor.name] = tensor, channels, tensor.name
             self.queue.append(tensor)
+        if joined_to is not None:
+            self.parent[self.find(tensor.name)] = self.find(joined_to)
 
-    def follow_queue(self) -> str | None:
+    def find(self, name: str) -> str:
+        while self.parent[name] != name:
+            name = self.parent[name] = self.parent[self.parent[name]]
+        return name
+
+    def follow(self) -> None:
         while self.queue:
             tensor = self.queue.popleft()
-            if (reason := self.tensor_problem(tensor)) is not None:
-                return reason
-            self.site.tensors.append(tensor)
-            self.site.padded_uses.setdefault(tensor.name, [])
-            # Ops that only graph outputs keep apart from `simplify` are not carried: they read a
-            # Slice, as they read the unpadded tensor before. Carried, an op reading a graph output
-            # (a Mul by 1) or one of two equal ops writing graph outputs (the same pool twice)
-            # would come loose, and `simplify` would remove or merge it when `all` runs again.
-            pinned = is_graph_output(self.graph, tensor)
-            readers = _unique(tensor.outputs)
-            for node in readers:
-                for index in [i for i, t in enumerate(node.inputs) if t is tensor]:
-                    decision = self.classify(node, index)
-                    if decision.role is Role.CARRY and (pinned or self.kept_apart_by_outputs(node, readers)):
-                        decision = SLICE
-                    self.accept(node, index, decision)
-        return None
+            channels = self.channels[tensor.name]
+            for node, index in uses(tensor):
+                decision = classify(self.graph, node, index, channels)
+                if decision.role is Role.PAIR:
+                    if node.name not in self.paired:
+                        self.pairs[node.name] = (node, channels)
+                elif decision.role is not Role.SLICE:
+                    self.readers.append(Reader(node, index, decision))
+                    if decision.role in (Role.CARRY, Role.DEPTHWISE):
+                        self.add(node.outputs[0], channels, joined_to=tensor.name)
+            if not self.queue:
+                self.carry_pairs()
 
-    def accept(self, node: gs.Node, index: int, decision: Decision) -> None:
-        role = decision.role
-        if role is Role.SLICE:
-            return
-        if role is Role.PAIR:
-            if node not in self.pending:
-                self.pending.append(node)
-            return
-        self.site.padded_uses[node.inputs[index].name].append((node, index))
-        self.site.constant_pads.extend(decision.pads)
-        if role is Role.ABSORB_CONV and node not in self.site.input_convs:
-            self.site.input_convs.append(node)
-        elif role is Role.ABSORB_SPLIT:
-            self.site.splits.append(node)
-        elif role in (Role.CARRY, Role.DEPTHWISE):
-            if role is Role.DEPTHWISE:
-                self.site.depthwise.append(node)
-            self.enqueue(node.outputs[0])
+    def carry_pairs(self) -> None:
+        """Carry the binary ops whose operands are all reached now (their outputs join the queue)."""
+        for name, (node, channels) in list(self.pairs.items()):
+            operands = [i for i, t in enumerate(node.inputs) if channel_dim(t, node) == channels]
+            if operands and all(self.channels.get(node.inputs[i].name) == channels for i in operands):
+                del self.pairs[name]
+                self.paired.add(name)
+                for i in operands:
+                    self.readers.append(Reader(node, i, CARRY))
+                    self.add(node.outputs[0], channels, joined_to=node.inputs[i].name)
 
-    def resolve_pending(self) -> bool:
-        """Carry the binary ops whose operands are all padded now; adopt roots for one that is not.
 
-        Returns whether the site grew (then the queue must be followed again).
-        """
-        for node in list(self.pending):
-            if not self.missing_operands(node):
-                self.pending.remove(node)
-                for index, tensor in enumerate(node.inputs):
-                    if tensor.name in self.padded_names:
-                        self.site.padded_uses[tensor.name].append((node, index))
-                self.enqueue(node.outputs[0])
-                return True
-        for node in list(self.pending):
-            roots = self.roots_upstream(self.missing_operands(node))
-            if roots:
-                for root in roots:
-                    self.add_root(root)
-                return True
-            self.pending.remove(node)  # its padded operands read a Slice instead
-        return False
-
-    def missing_operands(self, node: gs.Node) -> list[gs.Tensor]:
-        return [t for t in node.inputs if t.name not in self.padded_names and _channel_dim(t, node) == self.channels]
-
-    def roots_upstream(self, tensors: list[gs.Tensor]) -> list[gs.Node] | None:
-        """The unclaimed root convs whose padding would reach every tensor given, or None."""
-        roots: list[gs.Node] = []
-        seen: set[str] = set()
-        stack = list(tensors)
-        while stack:
-            tensor = stack.pop()
-            if tensor.name in self.padded_names or tensor.name in seen:
-                continue
-            seen.add(tensor.name)
-            if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
-                return None
-            producer = tensor.inputs[0]
-            if producer.op == "Conv" and root_problem(producer, self.align) is None:
-                if producer.name in self.claimed or producer.outputs[0].shape[1] != self.channels:
-                    return None
-                if producer not in roots:
-                    roots.append(producer)
-                continue
-            carried = self.carried_inputs(producer)
-            if carried is None:
-                return None
-            stack.extend(carried)
-        return roots
-
-    def carried_inputs(self, node: gs.Node) -> list[gs.Tensor] | None:
-        """The inputs that, padded, would make `node` carry the padding to its output."""
-        candidates = [
-            i for i, t in enumerate(node.inputs)
-            if not isinstance(t, gs.Constant) and constant_value(t) is None and t.name and _channel_dim(t, node) == self.channels
-        ]
-        decisions = {i: self.classify(node, i).role for i in candidates}
-        if any(role in (Role.CARRY, Role.DEPTHWISE) for role in decisions.values()):
-            return [node.inputs[i] for i, role in decisions.items() if role in (Role.CARRY, Role.DEPTHWISE)][:1]
-        if decisions and all(role is Role.PAIR for role in decisions.values()):
-            return [node.inputs[i] for i in decisions]
-        return None
-
-    def kept_apart_by_outputs(self, node: gs.Node, readers: list[gs.Node]) -> bool:
-        """Whether `node` and an equal reader of the same inputs both write graph outputs."""
-        def writes_output(n: gs.Node) -> bool:
-            return any(is_graph_output(self.graph, out) for out in n.outputs)
-
-        return writes_output(node) and any(
-            other is not node and other.op == node.op and other.attrs == node.attrs
-            and [t.name for t in other.inputs] == [t.name for t in node.inputs] and writes_output(other)
-            for other in readers
-        )
-
-    def tensor_problem(self, tensor: gs.Variable) -> str | None:
+def tensor_problem(graph: gs.Graph, site: ChannelSite) -> str | None:
+    for tensor in site.tensors:
         shape = tensor.shape
-        if shape is None or len(shape) < 3 or shape[1] != self.channels:
+        if shape is None or len(shape) < 3 or shape[1] != site.channels:
             return SKIP_UNKNOWN_CHANNELS
-        if used_in_subgraph(self.graph, tensor):
+        if used_in_subgraph(graph, tensor):
             return SKIP_SUBGRAPH
-        return None
+    return None
 
-    def needs_slice(self, tensor: gs.Variable) -> bool:
-        padded = {(id(node), index) for node, index in self.site.padded_uses[tensor.name]}
-        readers = [(id(node), i) for node in _unique(tensor.outputs) for i, t in enumerate(node.inputs) if t is tensor]
-        return is_graph_output(self.graph, tensor) or any(r not in padded for r in readers)
 
-    # -- how one reader treats a padded input ----------------------------------------------------
+def needs_slice(graph: gs.Graph, site: ChannelSite, tensor: gs.Variable) -> bool:
+    """Whether the tensor is a graph output or has a reader that does not take it padded."""
+    padded = {(id(reader.node), reader.index) for reader in site.readers}
+    return is_graph_output(graph, tensor) or any((id(node), index) not in padded for node, index in uses(tensor))
 
-    def classify(self, node: gs.Node, index: int) -> Decision:
-        if node.domain not in DEFAULT_DOMAINS:
-            return SLICE
-        op = node.op
-        if op in UNARY_CHANNELWISE:
-            return CARRY if index == 0 else SLICE
-        if op in POOLS:
-            return CARRY if index == 0 and self.only_first_output_read(node) else SLICE
-        if op in REDUCES:
-            return CARRY if index == 0 and _reduces_spatial_only(node) else SLICE
-        if op == "BatchNormalization":
-            return self.classify_batchnorm(node, index)
-        if op in ("QuantizeLinear", "DequantizeLinear"):
-            return self.classify_qdq(node, index)
-        if op in BINARY:
-            return self.classify_binary(node, index)
-        if op == "Conv" and index == 0:
-            if input_conv_problem(node, self.channels) is None:
-                return Decision(Role.ABSORB_CONV)
-            if depthwise_problem(node, self.channels) is None:
-                return Decision(Role.DEPTHWISE)
-            return SLICE
-        if op == "Split" and index == 0:
-            return Decision(Role.ABSORB_SPLIT) if split_sizes(self.graph, node, self.channels) else SLICE
+
+# -- how one reader takes a padded input ------------------------------------------------------------
+
+
+def classify(graph: gs.Graph, node: gs.Node, index: int, channels: int) -> Decision:
+    """How `node` takes its input `index` when that input grows from `channels` channels."""
+    op = node.op
+    if node.domain not in DEFAULT_DOMAINS:
         return SLICE
+    if op in UNARY:
+        return CARRY if index == 0 else SLICE
+    if op in POOLS:
+        return CARRY if index == 0 and only_first_output_read(graph, node) else SLICE
+    if op in REDUCES:
+        return CARRY if index == 0 and reduces_spatial_only(node) else SLICE
+    if op == "BatchNormalization":
+        return classify_batchnorm(graph, node, index, channels)
+    if op in ("QuantizeLinear", "DequantizeLinear"):
+        return classify_qdq(node, index, channels)
+    if op in NEUTRAL_FILL:
+        return classify_binary(node, index, channels)
+    if op == "Conv" and index == 0:
+        if conv_problem(node, in_per_group=channels) is None:
+            return Decision(Role.ABSORB_CONV)
+        return Decision(Role.DEPTHWISE) if conv_problem(node, group=channels, in_per_group=1) is None else SLICE
+    if op == "Split" and index == 0:
+        return Decision(Role.ABSORB_SPLIT) if split_sizes(node, channels) else SLICE
+    return SLICE
 
-    def only_first_output_read(self, node: gs.Node) -> bool:
-        # MaxPool's Indices count positions across channels: more channels change them.
-        return all(not out.outputs and not is_graph_output(self.graph, out) for out in node.outputs[1:])
 
-    def classify_batchnorm(self, node: gs.Node, index: int) -> Decision:
-        if index != 0 or node.attrs.get("training_mode", 0) or not self.only_first_output_read(node):
-            return SLICE
-        params = [constant_value(node.inputs[k]) if len(node.inputs) > k else None for k in BATCHNORM_FILL]
-        if any(p is None or p.shape != (self.channels,) for p in params):
-            return SLICE
-        return Decision(Role.CARRY, tuple(ConstantPad(node, k, 0, fill) for k, fill in BATCHNORM_FILL.items()))
+def only_first_output_read(graph: gs.Graph, node: gs.Node) -> bool:
+    # MaxPool's Indices count positions across channels: more channels change them.
+    return all(not out.outputs and not is_graph_output(graph, out) for out in node.outputs[1:])
 
-    def classify_qdq(self, node: gs.Node, index: int) -> Decision:
-        if index != 0 or node.attrs.get("block_size", 0):
-            return SLICE
-        scale = node.inputs[1]
-        scale_value = constant_value(scale)
-        if scale_value is None:
-            return CARRY if static_shape(scale) in ((), (1,)) else SLICE
-        if scale_value.ndim == 0 or (scale_value.shape == (1,) and self.channels != 1):
-            return CARRY  # per-tensor: the same elementwise function on every channel
-        data_rank = len(node.inputs[0].shape or ())
-        if data_rank < 3 or scale_value.shape != (self.channels,) or node.attrs.get("axis", 1) % data_rank != 1:
-            return SLICE
-        pads = [ConstantPad(node, 1, 0, 1.0)]
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            zero_point = constant_value(node.inputs[2])
-            if zero_point is None or zero_point.shape != (self.channels,):
-                return SLICE
-            pads.append(ConstantPad(node, 2, 0, 0.0))
-        return Decision(Role.CARRY, tuple(pads))
 
-    def classify_binary(self, node: gs.Node, index: int) -> Decision:
-        if len(node.inputs) != 2:
-            return SLICE
-        padded, other = node.inputs[index], node.inputs[1 - index]
-        if node.op == "Div" and (index == 1 or other is padded):
-            return SLICE  # a padded divisor may hold zeros: inf/NaN that zero weights cannot cancel
-        if padded.shape is None:
-            return SLICE
-        rank = len(padded.shape)
-        value = constant_value(other)
-        if value is not None:
-            axis = value.ndim - rank + 1  # the constant's axis that broadcasts against channels
-            if value.ndim > rank:
-                return SLICE
-            if axis < 0 or value.shape[axis] == 1:
-                return CARRY
-            if value.shape[axis] != self.channels:
-                return SLICE
-            return Decision(Role.CARRY, (ConstantPad(node, 1 - index, axis, NEUTRAL_FILL[node.op]),))
-        if node.op == "Div" or other.shape is None or len(other.shape) > rank:
-            return SLICE
-        if other is padded:
-            return CARRY
-        other_channels = _channel_dim(other, node)
-        # Checked before broadcasting: when the site's tensors have one channel, a one-channel
-        # operand is not a broadcast but a peer, which another site may pad (fuzz_regressions).
-        if other_channels == self.channels and len(other.shape) == rank:
-            return Decision(Role.PAIR)
-        if other_channels == 1:
-            return CARRY
+def classify_batchnorm(graph: gs.Graph, node: gs.Node, index: int, channels: int) -> Decision:
+    if index != 0 or node.attrs.get("training_mode", 0) or not only_first_output_read(graph, node):
         return SLICE
+    return per_channel_parameters(node, channels, BATCHNORM_FILL)
 
 
-def _channel_dim(tensor: gs.Tensor, reader: gs.Node) -> int | None:
+def classify_qdq(node: gs.Node, index: int, channels: int) -> Decision:
+    scale = constant_value(node.inputs[1])
+    if index != 0 or node.attrs.get("block_size", 0) or scale is None:
+        return SLICE
+    if scale.ndim == 0 or (scale.shape == (1,) and channels != 1):
+        return CARRY  # per-tensor: the same elementwise function on every channel
+    rank = len(node.inputs[0].shape or ())
+    if rank < 3 or node.attrs.get("axis", 1) % rank != 1:
+        return SLICE
+    has_zero_point = len(node.inputs) > 2 and bool(node.inputs[2].name)
+    return per_channel_parameters(node, channels, {1: 1.0, 2: 0.0} if has_zero_point else {1: 1.0})
+
+
+def per_channel_parameters(node: gs.Node, channels: int, fills: dict[int, float]) -> Decision:
+    """Carry, growing these inputs with these values, when each is a constant of one value a channel."""
+    for k in fills:
+        value = constant_value(node.inputs[k]) if len(node.inputs) > k else None
+        if value is None or value.shape != (channels,):
+            return SLICE
+    return Decision(Role.CARRY, tuple(ConstantPad(k, 0, fill) for k, fill in fills.items()))
+
+
+def classify_binary(node: gs.Node, index: int, channels: int) -> Decision:
+    if len(node.inputs) != 2:
+        return SLICE
+    padded, other = node.inputs[index], node.inputs[1 - index]
+    if node.op == "Div" and (index == 1 or other is padded):
+        return SLICE  # a padded divisor may hold zeros: inf/NaN that zero weights cannot cancel
+    if padded.shape is None:
+        return SLICE
+    rank = len(padded.shape)
+    if (value := constant_value(other)) is not None:
+        axis = value.ndim - rank + 1  # the constant's axis that broadcasts against channels
+        if value.ndim > rank:
+            return SLICE
+        if axis < 0 or value.shape[axis] == 1:
+            return CARRY
+        if value.shape[axis] != channels:
+            return SLICE
+        return Decision(Role.CARRY, (ConstantPad(1 - index, axis, NEUTRAL_FILL[node.op]),))
+    if node.op == "Div" or other.shape is None or len(other.shape) > rank:
+        return SLICE
+    if other is padded:
+        return CARRY
+    # Checked before broadcasting: when the site's tensors have one channel, a one-channel
+    # operand is not a broadcast but a peer, which another root may pad (fuzz_regressions).
+    other_channels = channel_dim(other, node)
+    if other_channels == channels and len(other.shape) == rank:
+        return Decision(Role.PAIR)
+    return CARRY if other_channels == 1 else SLICE
+
+
+def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    """Every (reader, input index) of `tensor`, each once (a node reading it twice is listed twice in outputs)."""
+    found = {(id(node), i): (node, i) for node in tensor.outputs for i, t in enumerate(node.inputs) if t is tensor}
+    return list(found.values())
+
+
+def channel_dim(tensor: gs.Tensor, reader: gs.Node) -> int | None:
     """The size of `tensor`'s axis that lines up with the channel axis of `reader`'s output.
 
     1 when the tensor broadcasts over channels (no such axis, or size 1); None when unknown.
     """
     out_shape = reader.outputs[0].shape if reader.outputs else None
-    shape = tensor.shape
-    if shape is None or out_shape is None:
+    if tensor.shape is None or out_shape is None:
         return None
-    axis = len(shape) - len(out_shape) + 1
+    axis = len(tensor.shape) - len(out_shape) + 1
     if axis < 0:
         return 1
-    dim = shape[axis]
+    dim = tensor.shape[axis]
     return dim if isinstance(dim, int) else None
 
 
-def _reduces_spatial_only(node: gs.Node) -> bool:
+def reduces_spatial_only(node: gs.Node) -> bool:
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
         value = constant_value(node.inputs[1])
@@ -657,7 +528,7 @@ def _reduces_spatial_only(node: gs.Node) -> bool:
     return all(a % rank >= 2 for a in axes)
 
 
-def split_sizes(graph: gs.Graph, split: gs.Node, channels: int) -> list[int] | None:
+def split_sizes(split: gs.Node, channels: int) -> list[int] | None:
     """The sizes a Split along axis 1 cuts `channels` into, or None when not known or not axis 1."""
     rank = len(split.inputs[0].shape or ())
     if rank < 3 or split.attrs.get("axis", 0) % rank != 1:
@@ -678,128 +549,43 @@ def split_sizes(graph: gs.Graph, split: gs.Node, channels: int) -> list[int] | N
     return sizes
 
 
-def _unique(nodes: list[gs.Node]) -> list[gs.Node]:
-    seen: list[gs.Node] = []
-    for node in nodes:
-        if not any(node is s for s in seen):
-            seen.append(node)
-    return seen
-
-
-# -- conv weights and FLOPs -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConvWeight:
-    """A conv's weight known before inference: float values, or int values behind a DequantizeLinear."""
-
-    values: np.ndarray
-    dequantize: gs.Node | None = None  # the DequantizeLinear producing the weight, if quantized
-    scale: np.ndarray | None = None
-    zero_point: np.ndarray | None = None  # always set when quantized (0 when the input is absent)
-    per_channel: bool = False  # one scale per output filter (axis 0), else one for the tensor
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-
-def conv_weight(conv: gs.Node) -> ConvWeight | str:
-    """The conv's weight, or the reason it cannot be padded."""
-    tensor = conv.inputs[1]
-    value = constant_value(tensor)
-    if value is not None:
-        return ConvWeight(value) if value.dtype in FLOAT_DTYPES else SKIP_DTYPE
-    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    if producer is None or producer.op != "DequantizeLinear" or producer.domain not in DEFAULT_DOMAINS:
-        return SKIP_WEIGHT
-    values = constant_value(producer.inputs[0])
-    scale = constant_value(producer.inputs[1])
-    has_zero_point = len(producer.inputs) > 2 and bool(producer.inputs[2].name)
-    zero_point = constant_value(producer.inputs[2]) if has_zero_point else None
-    if values is None or scale is None or (has_zero_point and zero_point is None):
-        return SKIP_WEIGHT
-    if values.dtype not in QUANT_TYPES or scale.dtype not in FLOAT_DTYPES or producer.attrs.get("block_size", 0):
-        return SKIP_QUANT_LAYOUT
-    filters = values.shape[0]
-    # ONNX reads a 1-D scale as per-axis; ONNX Runtime reads a 1-element one as per-tensor. Only
-    # layouts both agree on are accepted.
-    per_tensor = scale.ndim == 0 or (scale.shape == (1,) and filters != 1)
-    per_channel = scale.shape == (filters,) and not per_tensor and producer.attrs.get("axis", 1) % values.ndim == 0
-    if not (per_tensor or per_channel) or (zero_point is not None and zero_point.shape != scale.shape):
-        return SKIP_QUANT_LAYOUT
-    if zero_point is None:
-        zero_point = np.zeros(scale.shape, dtype=values.dtype)
-    return ConvWeight(values, producer, scale, zero_point, per_channel)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    out_channels: int
-    in_per_group: int
-    kernel: int  # product of kernel dims
-    spatial: int  # product of output spatial dims
-
-    def flops(self, out_channels: int, in_per_group: int) -> int:
-        return 2 * out_channels * in_per_group * self.kernel * self.spatial
-
-
-def conv_geometry(conv: gs.Node) -> ConvGeometry | None:
-    """Sizes for FLOPs per inference of batch 1; None if the output's non-batch dims are not static."""
-    weight = conv_weight(conv)
-    shape = conv.outputs[0].shape
-    weight_shape = weight.shape if isinstance(weight, ConvWeight) else static_shape(conv.inputs[1])
-    if weight_shape is None or shape is None or len(shape) != len(weight_shape):
-        return None
-    if not all(isinstance(d, int) and d >= 0 for d in shape[1:]):
-        return None
-    return ConvGeometry(weight_shape[0], weight_shape[1], math.prod(weight_shape[2:]), math.prod(shape[2:]))
+# -- FLOPs ----------------------------------------------------------------------------------------
 
 
 def site_costs(site: ChannelSite) -> list[ConvCost]:
     """Before/after FLOPs of every conv a site touches (a conv may grow on both axes)."""
-    costs = []
-    for conv in _unique([*site.roots, *site.input_convs, *site.depthwise]):
-        geometry = conv_geometry(conv)
-        is_depthwise = any(conv is c for c in site.depthwise)
-        grows_out = is_depthwise or any(conv is c for c in site.roots)
-        grows_in = is_depthwise or any(conv is c for c in site.input_convs)
-        in_channels = geometry.in_per_group * conv.attrs.get("group", 1)
-        out_after = site.padded if grows_out else geometry.out_channels
-        # Input channels this site leaves alone count for the work they do: zero input filters a
-        # previous run added are not work, or the next run would judge the same site cheaper and
-        # pad it after all (tests/test_fuzz_regressions.py).
-        in_before = geometry.in_per_group if grows_in else live_input_channels(conv, geometry)
-        in_per_group_after = site.padded if grows_in and not is_depthwise else in_before
-        costs.append(ConvCost(
-            conv.name,
-            (geometry.out_channels, out_after),
-            (in_channels, site.padded if grows_in else in_channels),
-            (geometry.flops(geometry.out_channels, in_before), geometry.flops(out_after, in_per_group_after)),
-        ))
-    return costs
+    depthwise, input_convs = site.readers_as(Role.DEPTHWISE), site.readers_as(Role.ABSORB_CONV)
+    grows_out = {id(c) for c in [*site.roots, *depthwise]}
+    grows_in = {id(c) for c in [*input_convs, *depthwise]}
+    touched = {id(c): c for c in [*site.roots, *input_convs, *depthwise]}
+    return [conv_cost(conv, site.padded, key in grows_out, key in grows_in) for key, conv in touched.items()]
 
 
-def live_input_channels(conv: gs.Node, geometry: ConvGeometry) -> int:
-    """Input channels per group up to the last one any filter reads with a non-zero weight."""
-    weight = conv_weight(conv)
-    if not isinstance(weight, ConvWeight) or conv.attrs.get("group", 1) != 1:
-        return geometry.in_per_group
-    values = weight.values.reshape(weight.shape[0], weight.shape[1], -1)
-    if weight.zero_point is not None:  # a quantized zero is the zero point
-        values = values.astype(np.int32) - weight.zero_point.astype(np.int32).reshape(-1, 1, 1)
-    read = np.flatnonzero(np.any(values != 0, axis=(0, 2)))
-    return int(read[-1]) + 1 if read.size else geometry.in_per_group
+def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> ConvCost:
+    """FLOPs of `conv` before and after its outputs and/or inputs grow to `padded` channels.
+
+    Channels the site leaves alone count as far as they compute something: the zero filters and
+    zero input weights an earlier site added are not work, or the next run would judge a site
+    that touches the same conv cheaper and pad it after all (docs/passes/pad-channels.md).
+    """
+    conv_weight = weight(conv.inputs[1])
+    out_channels, in_per_group = conv_weight.shape[:2]
+    group = conv.attrs.get("group", 1)
+    bias = weight(conv.inputs[2]).stored if has_bias(conv) else None
+    per_channel_pair = 2 * math.prod(conv_weight.shape[2:]) * math.prod(conv.outputs[0].shape[2:])
+    live_out = out_channels if grows_out else live_channels(conv_weight, 0, bias)
+    live_in = in_per_group if grows_in or group != 1 else live_channels(conv_weight, 1)
+    return ConvCost(
+        conv.name,
+        (out_channels, padded if grows_out else out_channels),
+        (in_per_group * group, padded if grows_in else in_per_group * group),
+        (per_channel_pair * live_out * live_in,
+         per_channel_pair * (padded if grows_out else live_out) * (padded if grows_in and group == 1 else live_in)),
+    )
 
 
-def input_site_costs(site: InputSite) -> list[ConvCost]:
-    costs = []
-    for conv in site.convs:
-        geometry = conv_geometry(conv)
-        before = geometry.flops(geometry.out_channels, geometry.in_per_group)
-        after = geometry.flops(geometry.out_channels, site.padded)
-        costs.append(ConvCost(conv.name, (geometry.out_channels,) * 2, (site.channels, site.padded), (before, after)))
-    return costs
+def total_flops(costs: list[ConvCost]) -> tuple[int, int]:
+    return sum(c.flops[0] for c in costs), sum(c.flops[1] for c in costs)
 
 
 def round_up(value: int, align: int) -> int:
@@ -810,21 +596,22 @@ def round_up(value: int, align: int) -> int:
 
 
 def pad_site(graph: gs.Graph, site: ChannelSite) -> None:
+    if site.graph_input is not None:
+        pad_graph_input(graph, site.graph_input, site)
     for conv in site.roots:
-        pad_conv_weight(graph, conv, axis=0, size=site.padded)
-        pad_conv_bias(graph, conv, site.padded)
-    for conv in site.input_convs:
-        pad_conv_weight(graph, conv, axis=1, size=site.padded)
-    for conv in site.depthwise:
-        pad_conv_weight(graph, conv, axis=0, size=site.padded)
-        pad_conv_bias(graph, conv, site.padded)
-        conv.attrs["group"] = site.padded
-    for pad in site.constant_pads:
-        value = constant_value(pad.node.inputs[pad.index])
-        grown = pad_axis(value, pad.axis, site.padded, pad.fill)
-        pad.node.inputs[pad.index] = make_constant(graph, f"{pad.node.name}_padded_{pad.index}", grown)
-    for split in site.splits:
-        add_split_output(graph, split, site.channels, site.padded)
+        pad_conv(graph, conv, axis=0, size=site.padded)
+    for reader in site.readers:
+        node, role = reader.node, reader.decision.role
+        for pad in reader.decision.pads:
+            grown = pad_axis(constant_value(node.inputs[pad.index]), pad.axis, site.padded, pad.fill)
+            node.inputs[pad.index] = make_constant(graph, f"{node.name}_padded_{pad.index}", grown)
+        if role is Role.ABSORB_CONV:
+            pad_conv(graph, node, axis=1, size=site.padded)
+        elif role is Role.DEPTHWISE:
+            pad_conv(graph, node, axis=0, size=site.padded)
+            node.attrs["group"] = site.padded
+        elif role is Role.ABSORB_SPLIT:
+            add_split_output(graph, node, site.channels, site.padded)
     sliced = set(site.sliced)
     for tensor in site.tensors:
         swap_in_padded_tensor(graph, tensor, site, slice_back=tensor.name in sliced)
@@ -836,88 +623,84 @@ def swap_in_padded_tensor(graph: gs.Graph, tensor: gs.Variable, site: ChannelSit
     Keeping the original tensor object for the unpadded readers keeps graph outputs' names,
     dtypes and shapes exactly.
     """
-    shape = list(tensor.shape)
-    shape[1] = site.padded
-    padded = gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype, shape=shape)
+    padded = padded_variable(graph, tensor, site.padded)
     producer = tensor.inputs[0]
     producer.outputs[[i for i, t in enumerate(producer.outputs) if t is tensor][0]] = padded
-    for node, index in site.padded_uses[tensor.name]:
-        node.inputs[index] = padded
+    for reader in site.readers:
+        if reader.node.inputs[reader.index] is tensor:
+            reader.node.inputs[reader.index] = padded
     if slice_back:
-        ints = lambda stem, values: make_constant(graph, f"{tensor.name}_{stem}", np.array(values, dtype=np.int64))  # noqa: E731
-        graph.nodes.append(gs.Node(
-            "Slice", unique_name(graph, f"{tensor.name}_unpad"),
-            inputs=[padded, ints("starts", [0]), ints("ends", [site.channels]), ints("axes", [1])],
-            outputs=[tensor],
-        ))
+        def ints(stem: str, value: int) -> gs.Constant:
+            return make_constant(graph, f"{tensor.name}_{stem}", np.array([value], dtype=np.int64))
+
+        graph.nodes.append(gs.Node("Slice", unique_name(graph, f"{tensor.name}_unpad"),
+                                   inputs=[padded, ints("starts", 0), ints("ends", site.channels), ints("axes", 1)],
+                                   outputs=[tensor]))
 
 
-def pad_graph_input(graph: gs.Graph, site: InputSite) -> None:
-    tensor = site.tensor
+def pad_graph_input(graph: gs.Graph, tensor: gs.Variable, site: ChannelSite) -> None:
+    """The site's convs read the graph input through a Pad with zero channels (the input itself stays)."""
     rank = len(tensor.shape)
     pads = np.zeros(2 * rank, dtype=np.int64)
     pads[rank + 1] = site.padded - site.channels  # end of axis 1
-    shape = list(tensor.shape)
-    shape[1] = site.padded
-    padded = gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype, shape=shape)
+    padded = padded_variable(graph, tensor, site.padded)
     graph.nodes.append(gs.Node(
         "Pad", unique_name(graph, f"{tensor.name}_pad_channels"),
         inputs=[tensor, make_constant(graph, f"{tensor.name}_pads", pads),
                 make_constant(graph, f"{tensor.name}_pad_value", np.zeros((), dtype=tensor.dtype))],
         outputs=[padded],
     ))
-    for conv in site.convs:
+    for conv in site.readers_as(Role.ABSORB_CONV):
         conv.inputs[0] = padded
-        pad_conv_weight(graph, conv, axis=1, size=site.padded)
 
 
-def pad_conv_weight(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
-    """Grow the conv's weight along `axis` (0: filters, 1: input channels) with zero weights."""
-    weight = conv_weight(conv)
-    assert isinstance(weight, ConvWeight), f"{conv.name}: weight changed since find_sites"
+def padded_variable(graph: gs.Graph, tensor: gs.Variable, channels: int) -> gs.Variable:
+    return gs.Variable(unique_name(graph, f"{tensor.name}_padded"), dtype=tensor.dtype,
+                       shape=[tensor.shape[0], channels, *tensor.shape[2:]])
+
+
+def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
+    """Grow the conv's weight along `axis` (0: filters, with their bias; 1: input channels) with zeros.
+
+    Reads the weight the graph holds now, so two sites growing one conv on different axes
+    compose in either order. A quantized weight stays quantized, in the form it came in.
+    """
+    conv_weight = weight(conv.inputs[1])
     stem = f"{conv.name}_weight_padded"
-    if weight.dequantize is None:
-        conv.inputs[1] = make_constant(graph, stem, pad_axis(weight.values, axis, size, 0.0))
+    if axis == 0 and has_bias(conv):
+        bias = pad_axis(weight(conv.inputs[2]).stored, 0, size, 0.0)
+        conv.inputs[2] = make_constant(graph, f"{conv.name}_bias_padded", bias)
+    q = conv_weight.quantization
+    if q is None:
+        conv.inputs[1] = make_constant(graph, stem, pad_axis(conv_weight.stored, axis, size, 0.0))
         return
-    scale, zero_point = weight.scale, weight.zero_point
-    if weight.per_channel and axis == 0:
-        # New filters dequantize to (0 - 0) * 1 = 0.
-        values = pad_axis(weight.values, 0, size, 0)
-        scale = pad_axis(scale, 0, size, 1.0)
-        zero_point = pad_axis(zero_point, 0, size, 0)
-    else:
-        # Each new weight equals its filter's zero point, so it dequantizes to (zp - zp) * s = 0.
-        fill = zero_point.reshape((-1,) + (1,) * (weight.values.ndim - 1)) if weight.per_channel else zero_point.reshape(())
-        values = pad_axis(weight.values, axis, size, fill)
-    inputs = [make_constant(graph, f"{stem}_q", values), make_constant(graph, f"{stem}_scale", scale),
-              make_constant(graph, f"{stem}_zero_point", zero_point)]
-    output = gs.Variable(unique_name(graph, stem), dtype=scale.dtype, shape=list(values.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{conv.name}_dequantize_padded"),
-                               attrs=dict(weight.dequantize.attrs), inputs=inputs, outputs=[output]))
-    conv.inputs[1] = output
+    new_filters = axis == 0 and q.axis == 0  # with their own scale 1 and zero point 0: (0 - 0) * 1 = 0
+    if new_filters or q.quantize is not None:
+        fill = 0  # a float 0 quantizes to the zero point
+    else:  # each new integer is its filter's zero point: (zp - zp) * s = 0
+        fill = q.zero_point.reshape((-1,) + (1,) * (conv_weight.stored.ndim - 1)) if q.per_channel else q.zero_point.reshape(())
+    stored = pad_axis(conv_weight.stored, axis, size, fill)
+    scale = pad_axis(q.scale, 0, size, 1.0) if new_filters else q.scale
+    zero_point = pad_axis(q.zero_point, 0, size, 0) if new_filters else q.zero_point
+    parameters = [make_constant(graph, f"{stem}_scale", scale), make_constant(graph, f"{stem}_zero_point", zero_point)]
+    source: gs.Tensor = make_constant(graph, f"{stem}_stored", stored)
+    if q.quantize is not None:
+        source = quantization_node(graph, q.quantize, [source, *parameters], zero_point.dtype, stored.shape)
+    conv.inputs[1] = quantization_node(graph, q.dequantize, [source, *parameters], scale.dtype, stored.shape)
 
 
-def pad_conv_bias(graph: gs.Graph, conv: gs.Node, size: int) -> None:
-    if len(conv.inputs) > 2 and conv.inputs[2].name:
-        bias = constant_value(conv.inputs[2])
-        conv.inputs[2] = make_constant(graph, f"{conv.name}_bias_padded", pad_axis(bias, 0, size, 0.0))
+def quantization_node(graph: gs.Graph, like: gs.Node, inputs: list[gs.Tensor], dtype: np.dtype, shape: tuple[int, ...]) -> gs.Variable:
+    """A new Q or DQ node with the attributes of `like`, reading `inputs`; returns its output."""
+    output = gs.Variable(unique_name(graph, f"{like.name}_padded_out"), dtype=dtype, shape=list(shape))
+    graph.nodes.append(gs.Node(like.op, unique_name(graph, f"{like.name}_padded"), dict(like.attrs), inputs=inputs, outputs=[output]))
+    return output
 
 
 def add_split_output(graph: gs.Graph, split: gs.Node, channels: int, padded: int) -> None:
-    sizes = split_sizes(graph, split, channels)
+    sizes = split_sizes(split, channels)
     assert sizes is not None, f"{split.name}: split sizes changed since find_sites"
-    sizes.append(padded - channels)
-    if opset_version(graph) >= 13:
-        split.attrs.pop("num_outputs", None)
-        sizes_tensor = make_constant(graph, f"{split.name}_sizes_padded", np.array(sizes, dtype=np.int64))
-        if len(split.inputs) > 1:
-            split.inputs[1] = sizes_tensor
-        else:
-            split.inputs.append(sizes_tensor)
-    else:
-        split.attrs["split"] = sizes
-    source = split.inputs[0]
-    split.outputs.append(gs.Variable(unique_name(graph, f"{split.name}_channel_padding"), dtype=source.dtype))
+    set_split_sizes(graph, split, [*sizes, padded - channels])
+    split.outputs.append(gs.Variable(unique_name(graph, f"{split.name}_channel_padding"), dtype=split.inputs[0].dtype))
 
 
 def pad_axis(values: np.ndarray, axis: int, size: int, fill: float | np.ndarray) -> np.ndarray:

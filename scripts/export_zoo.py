@@ -107,13 +107,33 @@ def _tv(name: str, **kw: object) -> Callable[[], nn.Module]:
     return build
 
 
-def _timm(name: str) -> Callable[[], nn.Module]:
+def _timm(name: str, random_batchnorm: bool = False) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False)
+        if random_batchnorm:
+            randomize_batchnorm(model)
+        return model
 
     return build
+
+
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Give every BatchNorm random statistics and affine parameters (seeded by the caller).
+
+    A fresh BatchNorm is nearly the identity (scale 1, shift 0, mean 0, variance 1), and the
+    exporter folds it into the Conv before it. Its parameters stay inline in the skeleton when
+    they are under 1 KiB, so without this a training-form block's identity BatchNorm and the
+    folded conv biases would be near-trivial in the tests (RepVGG, MobileOne).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.1)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,9 @@ ZOO: dict[str, Spec] = {
     "densenet121": Spec(_tv("densenet121"), (1, 3, 224, 224)),
     "inception_v3": Spec(_tv("inception_v3", aux_logits=False, init_weights=True), (1, 3, 299, 299)),
     "vit_tiny_patch16_224": Spec(_timm("vit_tiny_patch16_224"), (1, 3, 224, 224)),
+    # Training-form reparameterizable blocks (3x3 + 1x1 + identity BatchNorm, summed by Add).
+    "repvgg_a0": Spec(_timm("repvgg_a0", random_batchnorm=True), (1, 3, 224, 224)),
+    "mobileone_s0": Spec(_timm("mobileone_s0", random_batchnorm=True), (1, 3, 224, 224)),
     "fc_head_classifier": Spec(FcHeadClassifier, (1, 3, 32, 32)),
     "det_head": Spec(DetHead, (1, 3, 160, 160)),
     "se_block": Spec(SEBlock, (1, 32, 28, 28)),

@@ -3,7 +3,8 @@
 A model starts from one 4-D NCHW input `x` (batch static or symbolic `N`, 1-40 channels, spatial
 4-12) and grows by a few *steps*, each drawn from `STEPS` and applied to a feature map already in
 the graph: a Conv with random channels, kernel, strides, pads, groups and dilations, sibling
-Convs on one tensor, a 1x1 Conv feeding another, BatchNormalization, Relu/Sigmoid/Clip/LeakyRelu,
+Convs on one tensor, training-form blocks (sibling Convs, x or its BatchNormalization, summed by
+Adds), a 1x1 Conv feeding another, BatchNormalization, Relu/Sigmoid/Clip/LeakyRelu,
 Mul/Add/Div/Sub by constants (exactly 1 and 0 included) of several broadcasting shapes, residual
 Add/Mul of two maps, ReduceMean/ReduceMax/ReduceSum over random axes, pooling, Concat, Split,
 and do-nothing ops (Identity, Dropout, Reshape to the same shape, ...). It may end in a 2-D
@@ -315,6 +316,39 @@ def step_depthwise(draw: st.DrawFn, g: GraphBuilder) -> str:
 
 
 @st.composite
+def step_rep_block(draw: st.DrawFn, g: GraphBuilder) -> str:
+    """A training-form block (RepVGG, ACNet, MobileOne): 1-3 centred Convs on one map (3x3, 1x1, 1x3,
+    3x1; maybe dilated, grouped or depthwise, maybe each with a BatchNormalization), maybe x or a
+    BatchNormalization of x, summed by Adds in any order, maybe then Relu."""
+    x = pick_map(draw, g)
+    b, c, h, w = g.shapes[x]
+    group = draw(st.sampled_from([1, 1, c] + ([c // 2] if c % 2 == 0 and c > 1 else [])))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    cout = c if stride == 1 and draw(st.booleans()) else group * draw(st.integers(1, max(1, 24 // group)))
+    dilation = draw(st.sampled_from([1, 1, 2]))
+    terms = []
+    for _ in range(draw(st.integers(1, 3))):
+        kh, kw = draw(st.sampled_from([(3, 3), (3, 3), (1, 1), (1, 3), (3, 1)]))
+        pads = [dilation * (kh // 2), dilation * (kw // 2)] * 2
+        attrs = {"kernel_shape": [kh, kw], "pads": pads, "strides": [stride] * 2}
+        if kh > 1 or kw > 1 or draw(st.booleans()):
+            attrs["dilations"] = [dilation] * 2
+        out = emit_conv(draw, g, x, cout, ConvGeometry((kh, kw), attrs), group)
+        terms.append(emit_batchnorm(draw, g, out)[0] if draw(st.integers(0, 3)) == 0 else out)
+    identity = draw(st.sampled_from(["none", "x", "batchnorm"])) if cout == c and stride == 1 else "none"
+    if identity == "x":
+        terms.append(x)
+    elif identity == "batchnorm":
+        terms.append(emit_batchnorm(draw, g, x)[0])
+    terms = draw(st.permutations(terms))
+    total = terms[0]
+    for term in terms[1:]:
+        total = g.op("Add", [total, term], g.shapes[terms[0]])
+    g.put(g.op("Relu", [total], g.shapes[total]) if draw(st.booleans()) else total)
+    return f"rep_block(g={group},s={stride},{len(terms)} terms,identity={identity})"
+
+
+@st.composite
 def step_squeeze_excite(draw: st.DrawFn, g: GraphBuilder) -> str:
     """x * gate(x): pooled, 1x1 Conv down, Relu, 1x1 Conv up, Sigmoid; the gate broadcasts over H, W."""
     x = pick_map(draw, g)
@@ -619,6 +653,7 @@ STEPS = {
     "concat": (step_concat, 1),
     "split": (step_split, 1),
     "depthwise": (step_depthwise, 2),
+    "rep_block": (step_rep_block, 1),
     "squeeze_excite": (step_squeeze_excite, 1),
     "crop": (step_crop, 1),
     "matmul_map": (step_matmul_map, 1),

@@ -9,7 +9,6 @@ from graphopt.modelio import infer_shapes
 from graphopt.spec import parse_options
 from graphopt.testing import assert_equivalent
 from passes.merge_convs import FLOPS_GROW, MIXED_ACTIVATIONS, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
-from passes.simplify import Simplify
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
 from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts, run_pass
@@ -37,10 +36,6 @@ def merged_conv(model: onnx.ModelProto, channels: int) -> onnx.NodeProto:
     return conv
 
 
-def simplified_zoo_model(name: str) -> onnx.ModelProto:
-    return Simplify().apply(load_zoo_model(name)).model
-
-
 # -- horizontal merges ---------------------------------------------------------------------------
 
 
@@ -64,6 +59,14 @@ def test_merges_a_fire_module_and_drops_the_split_and_the_concat():
     assert np.all(weight[:8, :, [0, 0, 2, 2], [0, 2, 0, 2]] == 0)  # the 1x1 expand sits at the centre
     assert producer(out, "y").op_type == "Relu" and producer(out, "y").input[0] == conv.output[0]
     assert record.counters["concats_dropped"] == 1 and record.counters["activations_shared"] == 2
+
+
+def test_reports_the_flops_of_each_merge_before_and_after():
+    _, record = assert_rewrites_equivalently(load_case("merge_convs/fire_module"), MergeConvs())
+    [merge] = record.details
+    pixels = 9 * 9
+    assert merge["flops"] == [2 * pixels * (8 * 4 * 1 + 8 * 4 * 9), 2 * pixels * 16 * 4 * 9]  # the 1x1 grows to 3x3
+    assert merge["flop_growth"] == 1.8
 
 
 def test_merges_siblings_in_the_order_of_their_concat():
@@ -243,7 +246,9 @@ def test_composes_a_1x1_into_the_conv_after_it_when_asked():
     out, record = assert_rewrites_equivalently(load_case("merge_convs/pointwise_then_3x3"), MergeConvs(vertical=True))
     conv = only(out, "Conv")
     assert constant(out, conv.input[1]).shape == (8, 4, 3, 3) and conv.output[0] == "y"
-    assert record.details[0]["flops_after"] < record.details[0]["flops_before"]
+    before, after = record.details[0]["flops"]
+    assert before == 2 * (16 * 4 * 8 * 8 + 8 * 16 * 9 * 6 * 6)  # the 1x1 on 8x8, the unpadded 3x3 on 6x6
+    assert after == 2 * 8 * 4 * 9 * 6 * 6
 
 
 def test_does_not_compose_convs_by_default():
@@ -294,36 +299,44 @@ def test_rewrites_each_component_of_its_rounds_on_its_own():
         assert_equivalent(model, result.model)
 
 
-# -- real architectures --------------------------------------------------------------------------
+# -- real architectures: merge-convs alone on the raw export (the manager canonicalizes it first) --
 
 
 @pytest.mark.zoo
 def test_merges_every_squeezenet_fire_module_without_split_or_concat():
-    out, record = assert_rewrites_equivalently(simplified_zoo_model("squeezenet1_0"), MergeConvs())
+    out, record = assert_rewrites_equivalently(load_zoo_model("squeezenet1_0"), MergeConvs())
     assert len(record.sites_applied) == 8
-    assert record.counters["concats_dropped"] == 8
+    assert record.counters["concats_dropped"] == 8 and record.counters["kernels_zero_padded"] == 8
     assert op_counts(out)["Conv"] == 26 - 8 and "Concat" not in op_counts(out) and "Split" not in op_counts(out)
+    assert all(merge["flop_growth"] <= 2.0 and merge["flops"][1] > merge["flops"][0] for merge in record.details)
 
 
 @pytest.mark.zoo
 def test_merges_the_1x1_branches_of_every_googlenet_inception_block():
-    out, record = assert_rewrites_equivalently(simplified_zoo_model("googlenet"), MergeConvs())
+    out, record = assert_rewrites_equivalently(load_zoo_model("googlenet"), MergeConvs())
     assert len(record.sites_applied) == 9 and record.counters["convs_merged"] == 27
     assert op_counts(out)["Split"] == 9
+    assert all(merge["flops"][1] == merge["flops"][0] for merge in record.details)  # 1x1s: no zero taps
 
 
 @pytest.mark.zoo
 def test_merges_the_1x1_branches_of_every_inception_v3_block():
-    out, record = assert_rewrites_equivalently(simplified_zoo_model("inception_v3"), MergeConvs())
+    out, record = assert_rewrites_equivalently(load_zoo_model("inception_v3"), MergeConvs())
     assert len(record.sites_applied) == 10 and record.counters["convs_merged"] == 29
     assert record.skipped == {FLOPS_GROW: 4, NO_GEOMETRY_MATCH: 2}  # 1x3 + 3x1 pairs; Mixed_6a's strides
 
 
 @pytest.mark.zoo
 def test_merges_the_cls_box_obj_convs_of_a_detection_head():
-    out, record = assert_rewrites_equivalently(simplified_zoo_model("det_head"), MergeConvs())
+    out, record = assert_rewrites_equivalently(load_zoo_model("det_head"), MergeConvs())
     assert record.sites_applied == ["/cls/Conv,/box/Conv,/obj/Conv"]
     assert constant(out, only(out, "Split").input[1]).tolist() == [80, 4, 1]
+
+
+@pytest.mark.zoo
+def test_leaves_resnet50s_aligned_stem_and_downsample_siblings_alone():
+    _, record, _ = run_pass(load_zoo_model("resnet50"), MergeConvs(), verify=False)
+    assert record.status == "unchanged" and record.skipped[MIXED_ACTIVATIONS] == 2
 
 
 def test_zero_filters_do_not_count_towards_flop_growth():
