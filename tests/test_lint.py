@@ -449,14 +449,11 @@ def test_narrow_siblings_merged_into_a_conv_pad_channels_declines_have_no_fix():
     assert all("after `all`: Conv 'box_merged' has 5 output channels" in f.detail and "max-overhead 0.5" in f.detail for f in heads)
 
 
-@pytest.mark.xfail(strict=True, reason="merge-convs still merges branches an Add sums; its new rule and the reparameterize "
-                                      "pass are written in other branches (issue 17): lint follows them by running them")
-def test_branches_summed_by_an_add_are_not_advised_for_merge_convs():
-    assert not [f for f in lint("repvgg_blocks").findings if f.fix_pass and "merge-convs" in f.fix_pass]
+def test_branches_summed_by_an_add_are_fixed_by_reparameterize_not_merge_convs():
+    groups = [f for f in lint("repvgg_blocks").findings if f.code == "GO-MERGE-001"]
+    assert len(groups) == 2 and {f.fix_pass for f in groups} == {"reparameterize"}
 
 
-@pytest.mark.xfail(strict=True, reason="fc-to-conv leaves its Flatten between a head's Conv and its activation; "
-                                      "the pass is fixed in another branch (issue 17)")
 def test_fc_to_conv_leaves_no_layout_op_between_a_heads_conv_and_its_activation():
     model = load_case("lint/gemm_head_tanh")
     assert lint_model(run_unverified(model, "all"), "fp16", fixes=False).codes()["GO-FUSE-001"] == 0
