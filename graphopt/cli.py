@@ -89,8 +89,11 @@ def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the optimized model.")
-@click.option("--passes", default="all", show_default=True, help="Pipeline spec, e.g. all or fc-to-conv,pad-channels(align=16).")
+@click.option("--passes", default="all", show_default=True,
+              help="Pipeline spec, e.g. all, all(pad-channels.align=16) or fc-to-conv,pad-channels(align=16); +PASS runs a pass again.")
 @click.option("--skip", multiple=True, metavar="PASS", help="Leave these passes out of the spec (repeatable or comma-separated).")
+@click.option("--set", "settings", multiple=True, metavar="PASS.OPTION=VALUE",
+              help="Set an option of a pass the spec runs, e.g. pad-channels.precision=int8 (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the JSON report here.")
 @click.option("--no-verify", is_flag=True, help="Skip equivalence checking (passes that raise are still rolled back).")
 @click.option("--strict", is_flag=True, help="Exit 1 and write nothing if any rewrite fails verification.")
@@ -101,7 +104,7 @@ def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
 @click.option("--lint", "show_lint", is_flag=True, help="Print how the lint findings changed from MODEL to the output.")
 @_verification_options
 @_handle_errors
-def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], report_path: Path | None, no_verify: bool,
+def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], settings: tuple[str, ...], report_path: Path | None, no_verify: bool,
         strict: bool, fixed_point: bool, in_place: bool, force: bool, quiet: bool, show_lint: bool, input_shapes: tuple[str, ...],
         atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
     """Optimize MODEL and write the result to OUTPUT."""
@@ -109,7 +112,7 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], re
         raise click.UsageError("give -o/--output, or --in-place to overwrite the input")
     if output is not None and in_place:
         raise click.UsageError("-o/--output and --in-place exclude each other")
-    pipeline_passes = parse_spec(passes, skip)  # a bad spec is reported before any slow work
+    pipeline_passes = parse_spec(passes, skip, settings)  # a bad spec is reported before any slow work
     shapes = parse_input_shapes(input_shapes)
     source = modelio.load_model(model)
     target = modelio.check_output_path(output or model, model, overwrite_input=in_place or force)
@@ -136,9 +139,9 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], re
     if not quiet:
         click.echo(format_summary(report))
         click.echo(f"wrote {target}", err=True)
-    if show_lint and not quiet:
-        before = lint_model(source, name=model.name)
-        click.echo(diff_findings(before, lint_model(optimized, before.precision)))
+    if show_lint and not quiet:  # the run itself shows what the passes fix: no forecast needed
+        before = lint_model(source, name=model.name, fixes=False)
+        click.echo(diff_findings(before, lint_model(optimized, before.precision, fixes=False)))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -161,6 +164,7 @@ def format_summary(report: Report) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(0, f"pipeline: {report.pipeline}")
     for p in report.passes:
         for site in p.rolled_back:
             lines.append(f"rolled back {p.name} at {site.site}: {site.reason}")
@@ -182,14 +186,16 @@ def format_summary(report: Report) -> str:
               help="Precision the engine is built for [default: int8 if MODEL has Q/DQ nodes, else fp16].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the findings as JSON (schema in docs/lint.md).")
+@click.option("--no-fixes", is_flag=True,
+              help="Do not run the passes (unverified) to learn which fix each finding: faster, and no finding names a fix.")
 @_handle_errors
-def lint(model: Path, precision: str | None, json_path: Path | None) -> None:
-    """Report what keeps TensorRT from running MODEL well, and which pass fixes each finding.
+def lint(model: Path, precision: str | None, json_path: Path | None, no_fixes: bool) -> None:
+    """Report what keeps TensorRT from running MODEL well, and which passes fix each finding.
 
     Exit status: 0 when the ONNX-TensorRT parser would accept MODEL, 1 when it would reject it,
     2 for bad input.
     """
-    sys.exit(lint_command_impl(model, precision, json_path))
+    sys.exit(lint_command_impl(model, precision, json_path, fixes=not no_fixes))
 
 
 def _step_label(record: PassRecord) -> str:

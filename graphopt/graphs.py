@@ -353,6 +353,60 @@ def keep_model_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None
         model.functions.extend(template.functions)
 
 
+def declare_like(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Declare `model`'s tensors as `template` does, in place: what a saved model says about itself.
+
+    The graph inputs and outputs get `template`'s declarations exactly (dtype, dims, dim names,
+    doc strings): passes keep the interface, but shape inference rewrites the declarations it
+    can refine (`[batch, Transposeoutput_dim_1, 85]` becomes `[batch, 16, 85]`). value_info is
+    kept only for the tensors `template` declared it for; the shapes the pass manager inferred
+    for itself are dropped (see `keep_declared_value_info`).
+    """
+    keep_declared_interface(model, template)
+    keep_declared_value_info(model, template)
+
+
+def keep_declared_interface(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give the graph inputs and outputs the declarations `template` has for them, in place."""
+    declared = {vi.name: vi for vi in [*template.graph.input, *template.graph.output]}
+    for vi in [*model.graph.input, *model.graph.output]:
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+
+
+def keep_declared_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Keep value_info only for the tensors `template` declares it for, in place.
+
+    Such a tensor keeps `template`'s declaration while it still fits the tensor (same dtype and
+    rank, no known dim changed); one a pass reshaped (a padded channel axis) gets its new,
+    inferred type instead, so the model never declares a shape it does not compute.
+    """
+    declared = {vi.name: vi for vi in template.graph.value_info}
+    inferred = {vi.name: vi for vi in model.graph.value_info}
+    produced = {name for node in model.graph.node for name in node.output}
+    kept = []
+    for name, declaration in declared.items():
+        if name not in produced:
+            continue  # a pass removed the tensor
+        current = inferred.get(name)
+        kept.append(declaration if current is None or _declaration_fits(declaration.type, current.type) else current)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+def _declaration_fits(declared: onnx.TypeProto, inferred: onnx.TypeProto) -> bool:
+    """Whether a declared tensor type still describes the inferred one (dim names may differ)."""
+    a, b = declared.tensor_type, inferred.tensor_type
+    if not declared.HasField("tensor_type") or a.elem_type != b.elem_type:
+        return declared == inferred
+    if not a.HasField("shape") or not b.HasField("shape"):
+        return True
+    if len(a.shape.dim) != len(b.shape.dim):
+        return False
+    return all(not (x.HasField("dim_value") and y.HasField("dim_value")) or x.dim_value == y.dim_value
+               for x, y in zip(a.shape.dim, b.shape.dim))
+
+
 def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     versions = {op.domain: op.version for op in template.opset_import}
     for op in model.opset_import:

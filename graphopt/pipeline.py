@@ -23,7 +23,7 @@ import onnx
 from graphopt import modelio
 from graphopt.errors import EquivalenceError, ModelError
 from graphopt.flops import count_flops
-from graphopt.graphs import keep_model_fields, name_unnamed_nodes
+from graphopt.graphs import declare_like, keep_model_fields, name_unnamed_nodes
 from graphopt.passbase import GraphPass, PassResult
 from graphopt.registry import get_pass
 from graphopt.report import CHANGED, INPUT, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
@@ -31,6 +31,9 @@ from graphopt.spec import format_pass, format_spec, parse_spec
 from graphopt.verify import Outputs, Tolerance, Verdict, Verifier, compare_outputs
 
 Progress = Callable[[str], None]
+# Called after every step (a pass, or the canonicalization after one) with its record and the
+# model it leaves; `graphopt lint` follows its findings through them. The model must not be changed.
+Observer = Callable[[PassRecord, onnx.ModelProto], None]
 
 # The pass that establishes the canonical form every other pass may assume (ARCHITECTURE.md).
 CANONICALIZER = "simplify"
@@ -71,8 +74,10 @@ class Pipeline:
         backend: str = "auto",
         progress: Progress | None = None,
         canonicalize: bool = True,
+        observer: Observer | None = None,
     ) -> None:
         self.passes = list(passes)
+        self.observer = observer
         self.canonicalizer = _canonicalizer(self.passes) if canonicalize else None
         self.verify = verify
         self.strict = strict
@@ -132,6 +137,8 @@ class Pipeline:
             collect()
             flops = record.flops_after
             report.passes.append(record)
+            if self.observer is not None:
+                self.observer(record, working)
             return record
 
         with _collect_between_passes() as collect:
@@ -160,6 +167,7 @@ class Pipeline:
         report.seconds = time.perf_counter() - start
         if self.strict and not report.equivalent:
             raise EquivalenceError(_strict_message(report), report)
+        declare_like(working, model)  # the shapes inferred for the passes are not the caller's
         return working, report
 
     # -- one pass ------------------------------------------------------------------------------

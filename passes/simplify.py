@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from graphopt.graphs import keep_declared_interface
 from graphopt.modelio import check_model, is_large, without_initializers
 from graphopt.passbase import GraphPass, PassResult, PassStats
 
@@ -178,14 +179,6 @@ def check_problem(model: onnx.ModelProto, strict: bool) -> str | None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return None
-
-
-def keep_declared_interface(simplified: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """Give the graph inputs and outputs the types `model` declares for them, in place."""
-    declared = {vi.name: vi.type for vi in [*model.graph.input, *model.graph.output]}
-    for vi in [*simplified.graph.input, *simplified.graph.output]:
-        if vi.name in declared:
-            vi.type.CopyFrom(declared[vi.name])
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

@@ -1,5 +1,6 @@
 """graphopt lint: each finding kind shows on its fixture and not on its twin; real models read sensibly."""
 
+import functools
 import importlib.util
 import json
 import re
@@ -12,9 +13,10 @@ import pytest
 from graphopt import Pipeline
 from graphopt.errors import EXIT_USAGE, ModelError
 from graphopt.lint import (
-    SCHEMA_VERSION, Kind, LintReport, alignment, diff_findings, format_findings, fusion, lint_command_impl, lint_model,
-    merging, parser_support, quantization, trt_parser_ops,
+    SCHEMA_VERSION, Finding, Kind, LintReport, alignment, diff_findings, format_findings, fusion, lint_command_impl,
+    lint_model, match_findings, merging, parser_support, quantization, trt_parser_ops,
 )
+from graphopt.lint.forecast import pipeline_for
 from graphopt.spec import parse_spec
 from passes.simplify import Simplify
 from tests.fixtures.cases import FIXTURES, load_case
@@ -114,10 +116,14 @@ def test_silu_after_conv_is_an_activation_tensorrt_may_not_fuse():
     assert only(lint("conv_silu"), "GO-FUSE-002").nodes == ("conv", "sigmoid", "mul")
 
 
-def test_reduce_fc_and_identity_scale_name_the_pass_that_rewrites_them():
+def test_reduce_and_fc_head_name_the_pass_that_rewrites_them():
     assert only(lint("reduce_mean_over_hw"), "GO-FUSE-006").fix_pass == "reduce-to-pool"
     assert {f.fix_pass for f in lint("flatten_gemm_head").findings if f.code == "GO-FUSE-007"} == {"fc-to-conv"}
-    assert only(lint("conv_times_one_relu"), "GO-FUSE-008").fix_pass == "remove-identity-scale"
+
+
+def test_identity_scale_after_a_conv_is_fixed_by_simplify_which_runs_first():
+    # onnxsim's optimizer folds a Mul by a constant after a Conv into the Conv (fuse_mul_into_conv)
+    assert only(lint("conv_times_one_relu"), "GO-FUSE-008").fix_pass == "simplify"
 
 
 # -- alignment ---------------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ def test_int8_alignment_reports_both_rules_and_says_which_one_breaks():
 
 def test_padding_pad_channels_would_refuse_has_no_fix():
     finding = next(f for f in lint("conv_channels_20", "int8").findings if f.nodes == ("conv1",))
-    assert finding.fix_pass is None and "max_overhead" in finding.detail  # 20 -> 32 grows the layer 60%
+    assert finding.fix_pass is None and "max-overhead" in finding.detail  # 20 -> 32 grows the layer 60%
 
 
 def test_unaligned_classifier_head_is_left_alone_when_padding_costs_too_much():
@@ -256,7 +262,7 @@ def test_diff_shows_what_a_pass_resolved():
     before = lint("pad_zero_conv")
     after = lint_model(Simplify().apply(load_case("lint/pad_zero_conv")).model, "fp16")
     text = diff_findings(before, after)
-    assert "1 finding -> 0 (1 resolved, 0 new)" in text
+    assert "1 finding -> 0 (1 resolved, 0 new, 0 unchanged)" in text
     assert "GO-FUSE-003 pad-foldable-into-conv: 1 -> 0 (-1)" in text
 
 
@@ -289,15 +295,27 @@ FIXTURE_FILES = sorted(p for p in FIXTURES.glob("*/*.onnx") if p.parent.name != 
 @pytest.mark.parametrize("path", FIXTURE_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_lint_judges_every_fixture_without_crashing(path):
     model = onnx.load(str(path))
-    for precision in ("fp16", "int8"):
-        assert isinstance(lint_model(model, precision), LintReport)
+    assert isinstance(lint_model(model, "fp16"), LintReport)  # with fixes: the passes run too
+    assert isinstance(lint_model(model, "int8", fixes=False), LintReport)
+
+
+zoo_model = functools.cache(load_zoo_model)  # neither lint nor the pipeline modifies the model it is given
+
+
+@functools.cache
+def linted_zoo(name: str, precision: str, fixes: bool = True) -> LintReport:
+    return lint_model(zoo_model(name), precision, fixes=fixes)
+
+
+@functools.cache
+def optimized_zoo(name: str, spec: str = "all") -> onnx.ModelProto:
+    return Pipeline(parse_spec(spec), verify=False).run(zoo_model(name))[0]
 
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", zoo_names())
 def test_lint_judges_raw_exporter_output(name):
-    report = lint_model(load_zoo_model(name), "int8")
-    assert report.total_flops > 0
+    assert linted_zoo(name, "int8", fixes=False).total_flops > 0
 
 
 # -- real architectures ------------------------------------------------------------------------------
@@ -305,47 +323,48 @@ def test_lint_judges_raw_exporter_output(name):
 
 @pytest.mark.zoo
 def test_resnet50_fp16_is_aligned_except_its_rgb_input():
-    report = lint_model(simplified_zoo("resnet50"), "fp16")
+    report = linted_zoo("resnet50", "fp16")
     [finding] = [f for f in report.findings if f.category == "alignment"]
     assert finding.nodes == ("/conv1/Conv",) and "3 input channels" in finding.detail and finding.fix_pass is None
+    assert "graph input 'input'" in finding.detail
     assert not [f for f in report.findings if f.severity == "error"]
 
 
 @pytest.mark.zoo
 def test_squeezenet_fire_modules_are_merge_groups_with_different_kernels():
-    report = lint_model(simplified_zoo("squeezenet1_0"), "fp16")
+    report = linted_zoo("squeezenet1_0", "fp16")
     groups = [f for f in report.findings if f.code == "GO-MERGE-001"]
     assert len(groups) == 8 and all(f.fix_pass == "merge-convs" and "expand1x1" in f.nodes[0] for f in groups)
 
 
 @pytest.mark.zoo
 def test_inception_asymmetric_kernel_pairs_are_flagged_without_a_fix():
-    groups = [f for f in lint_model(simplified_zoo("inception_v3"), "fp16").findings if f.code == "GO-MERGE-001"]
-    assert len(groups) == 4 and all(f.fix_pass is None and "max_flop_growth" in f.detail for f in groups)
+    groups = [f for f in linted_zoo("inception_v3", "fp16").findings if f.code == "GO-MERGE-001"]
+    assert len(groups) == 4 and all(f.fix_pass is None and "max-flop-growth" in f.detail for f in groups)
 
 
 @pytest.mark.zoo
 def test_googlenet_sibling_groups_all_share_a_kernel_so_tensorrt_merges_them():
-    assert not [f for f in lint_model(simplified_zoo("googlenet"), "fp16").findings if f.category == "merging"]
+    assert not [f for f in linted_zoo("googlenet", "fp16").findings if f.category == "merging"]
 
 
 @pytest.mark.zoo
 def test_efficientnet_int8_squeeze_excite_gates_break_int8_regions():
-    breaks = [f for f in lint_model(simplified_zoo("efficientnet_b0"), "int8").findings if f.code == "GO-QUANT-003"]
+    breaks = [f for f in linted_zoo("efficientnet_b0", "int8", fixes=False).findings if f.code == "GO-QUANT-003"]
     assert len(breaks) == 16
     assert all([n.rsplit("/", 1)[-1] for n in f.nodes] == ["Sigmoid", "Mul"] for f in breaks)
 
 
 @pytest.mark.zoo
 def test_vit_int8_flags_every_attention_softmax():
-    breaks = [f for f in lint_model(simplified_zoo("vit_tiny_patch16_224"), "int8").findings if f.code == "GO-QUANT-003"]
+    breaks = [f for f in linted_zoo("vit_tiny_patch16_224", "int8", fixes=False).findings if f.code == "GO-QUANT-003"]
     softmax = [f for f in breaks if f.nodes[0].endswith("/Softmax")]
     assert len(softmax) == 12
 
 
 @pytest.mark.zoo
 def test_det_head_box_and_objectness_heads_are_unaligned_and_fixed_by_merge_then_pad():
-    report = lint_model(simplified_zoo("det_head"), "fp16")
+    report = linted_zoo("det_head", "fp16")
     heads = {f.nodes[0]: f for f in report.findings if f.code == "GO-ALIGN-001" and "output channel" in f.detail}
     assert set(heads) == {"/box/Conv", "/obj/Conv"}
     assert {f.fix_pass for f in heads.values()} == {"merge-convs,pad-channels"}
@@ -357,5 +376,153 @@ def test_the_fix_lint_names_for_det_head_resolves_its_findings():
     before = lint_model(model, "fp16")
     [spec] = {f.fix_pass for f in before.findings if f.fix_pass}
     optimized, _ = Pipeline(parse_spec(spec), verify=False).run(model)
-    after = lint_model(optimized, "fp16")
-    assert "2 resolved, 0 new" in diff_findings(before, after)
+    after = lint_model(optimized, "fp16", fixes=False)
+    assert "2 resolved, 0 new, 2 unchanged" in diff_findings(before, after)
+
+
+# -- lint and run agree ------------------------------------------------------------------------------
+
+
+def kept_after(before: LintReport, after: LintReport) -> list[Finding]:
+    """The findings of `before` that `after` still has (paired by what they are about)."""
+    return [before.findings[i] for i, _ in match_findings(before.findings, after.findings).kept]
+
+
+def run_unverified(model: onnx.ModelProto, spec: str) -> onnx.ModelProto:
+    return Pipeline(parse_spec(spec), verify=False).run(model)[0]
+
+
+@pytest.mark.parametrize("code", KINDS)
+def test_all_never_leaves_more_findings_of_a_kind_than_it_was_given(code):
+    for case in KINDS[code][:2]:  # the fixture that shows it and its twin
+        model, precision = load_case(f"lint/{case}"), KINDS[code][2]
+        before = lint_model(model, precision, fixes=False).codes()[code]
+        after = lint_model(run_unverified(model, "all"), precision, fixes=False).codes()[code]
+        assert after <= before, f"{case}: {before} -> {after} {code}"
+
+
+# fixture, precision: each has findings whose fix a pass makes
+FIXABLE = [("conv_noop_reshape_relu", "fp16"), ("pad_zero_conv", "fp16"), ("reduce_mean_over_hw", "fp16"),
+           ("flatten_gemm_head", "fp16"), ("conv_times_one_relu", "fp16"), ("conv_channels_20", "fp16"),
+           ("conv_channels_24", "int8"), ("siblings_same_kernel", "int8"), ("siblings_1x1_and_3x3", "fp16"),
+           ("repvgg_blocks", "fp16")]
+
+
+@pytest.mark.parametrize(("case", "precision"), FIXABLE)
+def test_the_fix_a_finding_names_resolves_it_when_run_with_its_defaults(case, precision):
+    model = load_case(f"lint/{case}")
+    report = lint_model(model, precision)
+    fixes = {f.fix_pass for f in report.findings if f.fix_pass}
+    assert fixes, f"{case}: no finding has a fix"
+    for spec in fixes:
+        after = lint_model(run_unverified(model, spec), precision, fixes=False)
+        promised = [f for f in report.findings if f.fix_pass == spec]
+        assert not [f for f in kept_after(report, after) if f in promised], f"{spec} left findings it was named for"
+
+
+def left_of(finding: Finding, before: LintReport, after: LintReport) -> list[Finding]:
+    """What `after` has of a finding: itself, or findings of its kind about a tensor it was about."""
+    paired = dict(match_findings(before.findings, after.findings).kept)
+    index = before.findings.index(finding)
+    if index in paired:
+        return [after.findings[paired[index]]]
+    return [f for f in after.findings if (f.code, f.rule) == (finding.code, finding.rule) and set(f.subject) & set(finding.subject)]
+
+
+@pytest.mark.parametrize(("case", "precision"), [("conv_transpose_relu", "fp16"), ("pad_reflect_conv", "fp16"),
+                                                 ("narrow_heads", "fp16"), ("qdq_siblings_same_kernel", "int8"),
+                                                 ("conv_channels_20", "int8")])
+def test_a_finding_without_a_fix_is_one_all_leaves(case, precision):
+    model = load_case(f"lint/{case}")
+    report = lint_model(model, precision)
+    unfixed = [f for f in report.findings if f.fix_pass is None and f.code != "GO-PARSE-006"]
+    assert unfixed
+    for finding in unfixed:
+        after = lint_model(run_unverified(model, pipeline_for(finding, precision)), precision, fixes=False)
+        assert left_of(finding, report, after), f"{finding.code} {finding.nodes}: `all` resolved it"
+
+
+def test_narrow_siblings_merged_into_a_conv_pad_channels_declines_have_no_fix():
+    report = lint("narrow_heads")
+    heads = [f for f in report.findings if f.code == "GO-ALIGN-001"]
+    assert [f.nodes for f in heads] == [("box",), ("obj",)] and all(f.fix_pass is None for f in heads)
+    assert all("after `all`: Conv 'box_merged' has 5 output channels" in f.detail and "max-overhead 0.5" in f.detail for f in heads)
+
+
+def test_branches_summed_by_an_add_are_fixed_by_reparameterize_not_merge_convs():
+    groups = [f for f in lint("repvgg_blocks").findings if f.code == "GO-MERGE-001"]
+    assert len(groups) == 2 and {f.fix_pass for f in groups} == {"reparameterize"}
+
+
+def test_fc_to_conv_leaves_no_layout_op_between_a_heads_conv_and_its_activation():
+    model = load_case("lint/gemm_head_tanh")
+    assert lint_model(run_unverified(model, "all"), "fp16", fixes=False).codes()["GO-FUSE-001"] == 0
+
+
+def test_run_lint_counts_a_finding_whose_nodes_a_pass_renamed_as_unchanged():
+    model = load_case("lint/dynamic_batch_linear")  # fc-to-conv replaces the Gemm that reads the dynamic input
+    before = lint_model(model, "fp16", fixes=False)
+    after = lint_model(run_unverified(model, "fc-to-conv"), "fp16", fixes=False)
+    assert only(before, "GO-PARSE-006").nodes != only(after, "GO-PARSE-006").nodes
+    assert only(before, "GO-PARSE-006") in kept_after(before, after)
+
+
+def test_a_layer_a_pass_turns_into_another_op_keeps_its_alignment_finding():
+    model = load_case("lint/flatten_gemm_head")  # fc2's 10 classes: fc-to-conv makes it a Conv, still 10 channels
+    before = lint_model(model, "fp16", fixes=False)
+    after = lint_model(run_unverified(model, "fc-to-conv"), "fp16", fixes=False)
+    assert only(after, "GO-ALIGN-001").nodes != ("fc2",)
+    assert only(before, "GO-ALIGN-001") in kept_after(before, after)
+
+
+def test_findings_pair_by_subject_whatever_their_nodes_are_called():
+    kind = alignment.FP16_8.kind
+    old = [kind.at(["conv"], "a", subject=("x", "y")), kind.at(["gone"], "b", subject=("x", "z"))]
+    new = [kind.at(["conv_renamed"], "a", subject=("x", "y")), kind.at(["other"], "c", subject=("w", "v"))]
+    diff = match_findings(old, new)
+    assert (diff.kept, diff.resolved, diff.new) == ([(0, 0)], [1], [1])
+
+
+def test_lint_without_fixes_names_none_and_says_why_a_pass_may_leave_a_finding():
+    report = lint_model(load_case("lint/conv_channels_20"), "int8", fixes=False)
+    assert all(f.fix_pass is None and f.extra_flops_share is None for f in report.findings)
+    assert any("max-overhead" in f.detail for f in report.findings)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", zoo_names())
+def test_all_leaves_no_more_findings_of_any_kind_on_real_architectures(name):
+    for precision in ("fp16", "int8"):
+        before = linted_zoo(name, precision, fixes=False).codes()
+        after = lint_model(optimized_zoo(name), precision, fixes=False).codes()
+        assert not {code: (before[code], n) for code, n in after.items() if n > before[code]}, precision
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", zoo_names())
+def test_all_fixes_every_finding_lint_names_a_fix_for_on_real_architectures(name):
+    report = linted_zoo(name, "fp16")
+    after = lint_model(optimized_zoo(name), "fp16", fixes=False)
+    assert not [f for f in kept_after(report, after) if f.fix_pass]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["det_head", "squeezenet1_0", "fc_head_classifier", "se_block"])
+def test_the_passes_a_fix_names_fix_it_on_their_own_on_raw_exporter_output(name):
+    report = linted_zoo(name, "fp16")
+    specs = {f.fix_pass for f in report.findings if f.fix_pass}
+    assert specs
+    for spec in specs:
+        after = lint_model(run_unverified(zoo_model(name), spec), "fp16", fixes=False)
+        promised = [f for f in report.findings if f.fix_pass == spec]
+        assert not [f for f in kept_after(report, after) if f in promised], f"{spec} left findings it was named for"
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["det_head", "squeezenet1_0"])
+def test_int8_alignment_fixes_name_the_alignment_and_keep_their_promise(name):
+    report = linted_zoo(name, "int8")
+    for pipeline in {pipeline_for(f, "int8") for f in report.findings if f.fix_pass}:
+        after = lint_model(optimized_zoo(name, pipeline), "int8", fixes=False)
+        promised = [f for f in report.findings if f.fix_pass and pipeline_for(f, "int8") == pipeline]
+        assert promised and not [f for f in kept_after(report, after) if f in promised]

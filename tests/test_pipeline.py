@@ -148,7 +148,7 @@ def test_reference_outputs_are_reused_between_passes(plugin_installed, monkeypat
     runs = []
     original = verify.run_onnxruntime
     monkeypatch.setattr(verify, "run_onnxruntime", lambda m, f: runs.append(1) or original(m, f))
-    optimize(load_case("core/conv_stack"), "reweight-convs,reweight-convs,reweight-convs", canonicalize=False)
+    optimize(load_case("core/conv_stack"), "reweight-convs,+reweight-convs,+reweight-convs", canonicalize=False)
     # one reference run of the input, then one run per changed pass; the final check reuses them
     assert len(runs) == 4
 

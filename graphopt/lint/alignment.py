@@ -9,14 +9,12 @@ where each comes from:
 - int8, multiple of 32 (GO-ALIGN-003): the rule the course teaches, after TensorRT's INT8
   vectorized format kCHW32. Both INT8 rules are reported, each under its own code.
 
-Each finding gives the layer's share of the model's FLOPs and what padding it with
-pad-channels would add. Measured on an H100 (shared/evidence/h100-conv-probe.md), padding
-pays where a count is not a multiple of 8 and gains nothing beyond that, so layers carrying
-under SMALL_LAYER_SHARE of the FLOPs are reported as info, not warnings.
-
-Judged: Conv (C_in = weight dim 1 x group, C_out = weight dim 0) and Gemm/MatMul with a 2-D
-constant weight (K and N). A MatMul of two activations (attention) is left alone: its sizes
-are sequence lengths, which no pass changes.
+Each finding gives the layer's share of the model's FLOPs and what padding its unaligned counts
+would add. Measured on an H100 (shared/evidence/h100-conv-probe.md), padding pays where a count
+is not a multiple of 8 and gains nothing beyond that, so layers carrying under
+SMALL_LAYER_SHARE of the FLOPs are reported as info, not warnings. Whether a pass aligns the
+layer is not decided here: lint's forecast asks the passes (forecast.py). The hints below only
+explain a layer the forecast finds left unaligned.
 """
 
 from __future__ import annotations
@@ -27,15 +25,12 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import nodes_with_op, static_shape
-from graphopt.lint.context import LintContext, int_attr, producer, resolved_constant
+from graphopt.lint.context import LintContext, int_attr, pass_default, producer, resolved_constant, view_source, view_target
 from graphopt.lint.findings import Finding, Kind
-from graphopt.lint.fusion import is_fc_head
-from graphopt.lint.merging import reason_merge_convs_declines, sibling_groups
 
 TREX_LINT = "https://github.com/NVIDIA/TensorRT/blob/main/tools/experimental/trt-engine-explorer/trex/lint.py"
 TENSOR_FORMATS = "https://docs.nvidia.com/deeplearning/tensorrt/latest/reference/data-format-desc.html"
 SMALL_LAYER_SHARE = 0.001
-PAD_CHANNELS_MAX_OVERHEAD = 0.5  # pad-channels' default: it declines layers padding would grow more
 _CHANNEL_WALK = 16  # channel-wise ops walked back to find the Conv that produced a layer's input
 # Ops that pass channels through unchanged: a Conv's padded output channels reach the next layer.
 CHANNEL_PRESERVING = frozenset({
@@ -49,10 +44,6 @@ class Rule:
     kind: Kind
     align: int
     name: str
-
-    @property
-    def fix_spec(self) -> str:
-        return "pad-channels" if self.align == 8 else f"pad-channels(align={self.align})"
 
 
 def _kind(code: str, name: str, why: str, reference: str) -> Kind:
@@ -89,18 +80,12 @@ def check(ctx: LintContext) -> list[Finding]:
     layers, unknown = dense_layers(ctx.graph)
     if unknown:
         ctx.notes.append(f"alignment: {len(unknown)} layers have channel counts that are not known statically: {', '.join(unknown[:5])}")
-    # Siblings merge-convs will merge: pad-channels then aligns their merged total.
-    siblings = {conv.name: group for group in sibling_groups(ctx.graph).values()
-                if reason_merge_convs_declines(group) is None for conv in group}
     findings = []
     for rule in RULES[ctx.precision]:
-        found = [f for layer in layers if (f := _judge(ctx, layer, rule, siblings.get(layer.node.name))) is not None]
+        found = [f for layer in layers if (f := _judge(ctx, layer, rule)) is not None]
         if found:
             share = sum(f.flops_share or 0.0 for f in found)
-            fixable = [f for f in found if f.fix_pass]
-            extra = sum(f.extra_flops_share or 0.0 for f in fixable)
-            ctx.notes.append(f"alignment ({rule.name}): {len(found)} layers with {share:.1%} of the FLOPs; "
-                             f"{len(fixable)} fixable, adding {extra:.2%} FLOPs")
+            ctx.notes.append(f"alignment ({rule.name}): {len(found)} layers with {share:.1%} of the FLOPs")
         findings += found
     return findings
 
@@ -131,55 +116,45 @@ def _layer(node: gs.Node) -> Layer | None:
     return Layer(node, weight[0], weight[1])
 
 
-def _judge(ctx: LintContext, layer: Layer, rule: Rule, siblings: list[gs.Node] | None) -> Finding | None:
+def _judge(ctx: LintContext, layer: Layer, rule: Rule) -> Finding | None:
     align = rule.align
     bad_in, bad_out = layer.c_in % align != 0, layer.c_out % align != 0
     if not (bad_in or bad_out):
         return None
     node = layer.node
-    # Input channels get padded when the Conv producing them is (depthwise convs are carried along).
-    padded_in = bad_in and _input_padded(node, align)
-    parts = []
-    if bad_in:
-        parts.append(_channels(layer.c_in, "input") + ("" if padded_in else f" ({_input_origin(node)})"))
-    if bad_out:
-        parts.append(_channels(layer.c_out, "output"))
+    parts = ([_channels(layer.c_in, "input")] if bad_in else []) + ([_channels(layer.c_out, "output")] if bad_out else [])
     detail = f"{node.op} {node.name!r} has {' and '.join(parts)}, not a multiple of {align}"
-    fix, extra, why_not = _fix(ctx, layer, rule, siblings, padded_in, bad_out)
-    if why_not:
-        detail += f"; {why_not}"
     share = ctx.share([node])
     severity = "info" if share is None or share < SMALL_LAYER_SHARE else "warning"
-    return rule.kind.at([node.name], detail, fix_pass=fix, severity=severity, flops_share=share, extra_flops_share=extra, rule=rule.name)
+    counts = ([layer.c_in] if bad_in else []) + ([layer.c_out] if bad_out else [])
+    return rule.kind.at(
+        [node.name], detail, severity=severity, flops_share=share, extra_flops_share=_cost(ctx, [node], counts, align),
+        rule=rule.name, subject=(view_source(node.inputs[0]).name, view_target(node.outputs[0]).name),
+        likeness=f"{layer.c_in} in, {layer.c_out} out", hint=_hint(layer, align, bad_in, bad_out),
+    )
 
 
 def _channels(count: int, side: str) -> str:
     return f"{count} {side} channel{'' if count == 1 else 's'}"
 
 
-def _fix(ctx: LintContext, layer: Layer, rule: Rule, siblings: list[gs.Node] | None, padded_in: bool,
-         bad_out: bool) -> tuple[str | None, float | None, str | None]:
-    """The pipeline spec that aligns the layer, what it adds to the FLOPs, and why there is none."""
-    align, node = rule.align, layer.node
-    if node.op != "Conv" and not (bad_out and is_fc_head(node)):
-        return None, None, None  # pad-channels pads Convs; fc-to-conv makes a classifier head one
-    prefix = "" if node.op == "Conv" else "fc-to-conv,"
+def _hint(layer: Layer, align: int, bad_in: bool, bad_out: bool) -> str | None:
+    """Why pad-channels may leave the layer unaligned (shown only when the forecast says it does)."""
+    node = layer.node
+    if node.op != "Conv":
+        return "pad-channels pads Conv layers, and fc-to-conv does not make this one a Conv"
+    hints = []
     if bad_out and layer.group != 1:
-        return (rule.fix_spec, None, None) if padded_in else (None, None, "pad-channels does not pad grouped convs")
-    if bad_out and siblings:
-        # pad-channels aligns a merged Conv's channel total (merge-convs runs first in `all`);
-        # the cost is the group's, shared among its unaligned members.
-        widths = [int(c.inputs[1].shape[0]) for c in siblings]
-        cost = _cost(ctx, siblings, [sum(widths)], align)
-        unaligned = sum(w % align != 0 for w in widths)
-        return f"merge-convs,{rule.fix_spec}", None if cost is None else cost / unaligned, None
-    counts = ([layer.c_out] if bad_out else []) + ([layer.c_in] if padded_in else [])
-    if not counts:
-        return None, None, None
-    overhead = _overhead(counts, align)
-    if bad_out and overhead > PAD_CHANNELS_MAX_OVERHEAD:
-        return None, None, f"padding adds {overhead:.0%} to the layer, over pad-channels' max_overhead {PAD_CHANNELS_MAX_OVERHEAD:g}"
-    return prefix + rule.fix_spec, _cost(ctx, [node], counts, align), None
+        hints.append("pad-channels does not pad grouped convs")
+    elif bad_out and (overhead := _overhead([layer.c_out], align)) > (limit := pad_default("max_overhead")):
+        hints.append(f"padding adds {overhead:.0%} to the layer, over pad-channels' max-overhead {limit:g}")
+    if bad_in and not _input_padded(node, align):
+        hints.append(f"its input channels come from {_input_origin(node)}")
+    return "; ".join(hints) or None
+
+
+def pad_default(option: str) -> float:
+    return pass_default("pad-channels", option)
 
 
 def _overhead(counts: list[int], align: int) -> float:
@@ -198,13 +173,13 @@ def _cost(ctx: LintContext, layers: list[gs.Node], counts: list[int], align: int
 def _input_padded(node: gs.Node, align: int) -> bool:
     """Whether pad-channels pads the Conv that produces this layer's input channels.
 
-    It does for a plain Conv that padding grows by at most its max_overhead.
+    It may for a plain Conv that padding grows by at most its max_overhead.
     """
     source = _input_conv(node)
     if source is None or int_attr(source, "group", 1) != 1:
         return False
     weight = static_shape(source.inputs[1])
-    return weight is not None and _overhead([weight[0]], align) <= PAD_CHANNELS_MAX_OVERHEAD
+    return weight is not None and _overhead([weight[0]], align) <= pad_default("max_overhead")
 
 
 def _input_conv(node: gs.Node) -> gs.Node | None:
@@ -223,7 +198,8 @@ def _input_conv(node: gs.Node) -> gs.Node | None:
 def _input_origin(node: gs.Node) -> str:
     source = _input_conv(node)
     if source is not None:
-        return f"from Conv {source.name!r}, which pad-channels does not pad"
+        return f"Conv {source.name!r}, which pad-channels does not pad"
     source = producer(node.inputs[0])
-    origin = f"graph input {node.inputs[0].name!r}" if source is None else f"{source.op} {source.name!r}"
-    return f"from {origin}, which pad-channels leaves alone"
+    if source is None:
+        return f"graph input {node.inputs[0].name!r}, which pad-channels leaves alone by default"
+    return f"{source.op} {source.name!r}, which pad-channels leaves alone"

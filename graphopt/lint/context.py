@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,9 +19,11 @@ import onnx_graphsurgeon as gs
 from graphopt import flops, modelio
 from graphopt.graphs import DEFAULT_DOMAINS, constant_value
 from graphopt.lint.findings import Precision
+from graphopt.registry import get_pass
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+VIEW_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # the same values in another shape
 # ONNX activations the parser imports as one IActivationLayer (onnxOpImporters.cpp, activationHelper).
 ACTIVATIONS = frozenset({
     "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softsign", "Softplus",
@@ -107,6 +110,34 @@ def flops_by_node(model: onnx.ModelProto) -> dict[str, int]:
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
+
+
+def output_names(*nodes: gs.Node) -> tuple[str, ...]:
+    """The nodes' output tensors: what a finding about them is about, however a pass renames them."""
+    return tuple(t.name for node in nodes for t in node.outputs)
+
+
+def view_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor this one is a view of (through Flatten, Reshape, ...): what a layer really reads."""
+    for _ in range(_IDENTITY_HOPS):
+        node = producer(tensor)
+        if node is None or node.op not in VIEW_OPS or not node.inputs:
+            break
+        tensor = node.inputs[0]
+    return tensor
+
+
+def view_target(tensor: gs.Tensor) -> gs.Tensor:
+    """The last view of this tensor that alone reads it: what a layer's output becomes.
+
+    fc-to-conv turns `Flatten -> Gemm -> y` into `Conv -> Flatten -> y`: seen through the views,
+    both layers read the same map and write the same `y`.
+    """
+    for _ in range(_IDENTITY_HOPS):
+        if len(tensor.outputs) != 1 or tensor.outputs[0].op not in VIEW_OPS:
+            break
+        tensor = tensor.outputs[0].outputs[0]
+    return tensor
 
 
 def resolved_constant(tensor: gs.Tensor) -> np.ndarray | None:
@@ -272,3 +303,8 @@ def components(seeds: Iterable[gs.Node], joins: Callable[[gs.Node], bool]) -> li
 def in_graph_order(graph: gs.Graph, nodes: Iterable[gs.Node]) -> list[gs.Node]:
     wanted = {n.name for n in nodes}
     return [n for n in graph.nodes if n.name in wanted]
+
+
+def pass_default(pass_name: str, option: str) -> Any:
+    """A registered pass's default for an option: the hints quote the pass, never a copy of it."""
+    return getattr(get_pass(pass_name).Options(), option)

@@ -4,6 +4,11 @@ A `Kind` is one class of problem: a stable code (`GO-ALIGN-001`), a name, a seve
 one sentence on why TensorRT runs it worse. Each check module declares its kinds and calls
 `kind.at(...)` for every site it finds. The JSON schema is documented in docs/lint.md; bump
 `SCHEMA_VERSION` whenever a field changes meaning or disappears (adding a field does not).
+
+A finding's `subject` says what it is about in terms a rewrite keeps: tensor names (a pass may
+rename the nodes it rewrites, but keeps the tensors around them), a graph input, an opset.
+`match_findings` pairs the findings of two related models by subject, so a finding a pass left
+in place is "kept" even when its nodes have new names.
 """
 
 from __future__ import annotations
@@ -47,11 +52,15 @@ class Kind:
         flops_share: float | None = None,
         extra_flops_share: float | None = None,
         rule: str | None = None,
+        subject: Sequence[str] = (),
+        likeness: str | None = None,
+        hint: str | None = None,
     ) -> Finding:
         return Finding(
             code=self.code, name=self.name, category=self.category, severity=severity or self.severity,
             nodes=tuple(nodes), detail=detail, why=self.why, fix_pass=fix_pass, flops_share=flops_share,
-            extra_flops_share=extra_flops_share, rule=rule, reference=self.reference,
+            extra_flops_share=extra_flops_share, rule=rule, reference=self.reference, subject=tuple(subject),
+            likeness=likeness, hint=hint,
         )
 
 
@@ -69,15 +78,22 @@ class Finding:
     extra_flops_share: float | None = None  # what the fix would add, as a share of the model's FLOPs
     rule: str | None = None  # the rule broken, where a kind has several (alignment)
     reference: str | None = None
+    subject: tuple[str, ...] = ()  # what it is about: tensor names (or an input, an opset) a rewrite keeps
+    # Not in the JSON: a name-free description that pairs a finding whose tensors a pass renamed
+    # (a Gemm that became a Conv of the same channels), and why a pass may leave it.
+    likeness: str | None = field(default=None, repr=False)
+    hint: str | None = field(default=None, repr=False)
 
     @property
-    def key(self) -> tuple[str, tuple[str, ...], str | None]:
+    def key(self) -> tuple[str, str | None, tuple[str, ...]]:
         """What identifies a finding across two lint runs of related models."""
-        return self.code, self.nodes, self.rule
+        return self.code, self.rule, self.subject
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["nodes"] = list(self.nodes)
+        data["subject"] = list(self.subject)
+        del data["likeness"], data["hint"]
         return data
 
 
@@ -118,3 +134,42 @@ class LintReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class FindingsDiff:
+    """Findings of two related models paired up, by index into each list."""
+
+    kept: list[tuple[int, int]]  # (before, after): the same problem about the same thing
+    resolved: list[int]  # before only
+    new: list[int]  # after only
+
+
+def match_findings(before: Sequence[Finding], after: Sequence[Finding]) -> FindingsDiff:
+    """Pair findings by code, rule and subject; then the rest of a kind by their likeness.
+
+    Equal keys pair up in order (two findings can share one subject). Likeness pairs a finding
+    whose tensors a rewrite renamed with its counterpart: a classifier Gemm of 1000 channels that
+    fc-to-conv turned into a Conv of 1000 channels is the same problem.
+    """
+    kept: list[tuple[int, int]] = []
+    left_before, left_after = list(range(len(before))), list(range(len(after)))
+    for describe in (_key, _likeness):
+        waiting: dict[Any, list[int]] = {}
+        for j in left_after:
+            if (key := describe(after[j])) is not None:
+                waiting.setdefault(key, []).append(j)
+        pairs = [(i, waiting[key].pop(0)) for i in left_before if (key := describe(before[i])) is not None and waiting.get(key)]
+        kept += pairs
+        paired_before, paired_after = {i for i, _ in pairs}, {j for _, j in pairs}
+        left_before = [i for i in left_before if i not in paired_before]
+        left_after = [j for j in left_after if j not in paired_after]
+    return FindingsDiff(sorted(kept), left_before, left_after)
+
+
+def _key(finding: Finding) -> tuple:
+    return finding.key
+
+
+def _likeness(finding: Finding) -> tuple | None:
+    return None if finding.likeness is None else (finding.code, finding.rule, finding.likeness)

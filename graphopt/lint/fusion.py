@@ -3,10 +3,11 @@
 TensorRT fuses a Conv with the activation, residual Add or pooling that consumes its output
 (TensorRT layer fusion catalog), and Q/DQ into the ops around them. Each finding here is a
 pattern that defeats one of those fusions, or that a graphopt pass rewrites into a form
-TensorRT runs better:
+TensorRT runs better (which pass does is the forecast's answer, forecast.py):
 
 1. A layout or type op (Reshape, Transpose, Cast, ...) between a Conv and its partner.
-2. An activation the parser builds from several layers (HardSwish, Mish, PRelu, SiLU).
+2. An activation the parser builds from several layers (HardSwish, Mish, PRelu, SiLU) after a
+   dense layer (Conv, Gemm, MatMul).
 3. A Pad before a Conv: foldable into the Conv (simplify does it) or not (reflect mode, ...).
 4. A Q/DQ pair between a Conv and its activation or residual Add.
 5. A ReduceMean/ReduceMax over H and W, which reduce-to-pool turns into pooling.
@@ -21,8 +22,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.graphs import is_graph_output, nodes_with_op, static_shape
 from graphopt.lint.context import (
-    ACTIVATIONS, COMPOSITE_ACTIVATIONS, LintContext, epilogue_activation, int_attr, is_float, normalized_axes, producer,
-    resolved_constant, same_shape,
+    ACTIVATIONS, COMPOSITE_ACTIVATIONS, LintContext, epilogue_activation, int_attr, is_float, is_weighted, normalized_axes,
+    output_names, producer, resolved_constant, same_shape,
 )
 from graphopt.lint.findings import Finding, Kind
 
@@ -40,7 +41,7 @@ SPLIT_FUSION = Kind(
 COMPOSITE_ACTIVATION = Kind(
     "GO-FUSE-002", "activation-not-fused", "fusion", "info",
     "The parser builds this activation from several layers (or a ParametricReLU layer), so it joins "
-    "the Conv only through TensorRT's Conv+pointwise fusion, which only some GPUs and precisions "
+    "the layer before it only through TensorRT's pointwise fusion, which only some GPUs and precisions "
     "have; elsewhere it runs as a separate kernel (NVIDIA/TensorRT#2572).",
     "https://github.com/NVIDIA/TensorRT/issues/2572",
 )
@@ -93,15 +94,17 @@ def check(ctx: LintContext) -> list[Finding]:
     findings: list[Finding] = []
     for conv in nodes_with_op(graph, "Conv"):
         findings += _layout_op_between(graph, conv)
-        findings += _composite_activation(conv)
         findings += _qdq_after(conv)
+    for layer in graph.nodes:
+        if is_weighted(layer):
+            findings += _composite_activation(layer)
     for pad in nodes_with_op(graph, "Pad"):
         findings += _pad_before_conv(pad)
     for reduce in nodes_with_op(graph, "ReduceMean", "ReduceMax"):
         findings += _reduce_over_spatial_axes(reduce)
     for fc in nodes_with_op(graph, "Gemm", "MatMul"):
         if is_fc_head(fc):
-            findings.append(FC_AS_CONV.at([fc.name], f"{fc.op} {fc.name!r} reads a flattened feature map", fix_pass="fc-to-conv"))
+            findings.append(FC_AS_CONV.at([fc.name], f"{fc.op} {fc.name!r} reads a flattened feature map", subject=output_names(fc)))
     for op in nodes_with_op(graph, *IDENTITY_ELEMENT):
         findings += _identity_scale(op)
     return findings
@@ -122,11 +125,11 @@ def _layout_op_between(graph: gs.Graph, conv: gs.Node) -> list[Finding]:
     if not chain or not partners or is_graph_output(graph, tensor):
         return []
     between = ", ".join(f"{n.op} {n.name!r}" for n in chain)
-    no_ops = all(_is_no_op(n) for n in chain)
     detail = f"{between} sits between Conv {conv.name!r} and {partners[0].op} {partners[0].name!r}"
-    if no_ops:
+    if all(_is_no_op(n) for n in chain):
         detail += " and changes nothing"
-    return [SPLIT_FUSION.at([conv.name, *(n.name for n in chain), partners[0].name], detail, fix_pass="simplify" if no_ops else None)]
+    nodes = [conv.name, *(n.name for n in chain), partners[0].name]
+    return [SPLIT_FUSION.at(nodes, detail, subject=(tensor.name, *output_names(partners[0])))]
 
 
 def _is_no_op(node: gs.Node) -> bool:
@@ -144,16 +147,19 @@ def _is_no_op(node: gs.Node) -> bool:
 # -- 2. activation built from several layers ------------------------------------------------------
 
 
-def _composite_activation(conv: gs.Node) -> list[Finding]:
-    activation = epilogue_activation(conv)
+def _composite_activation(layer: gs.Node) -> list[Finding]:
+    """Also after a Gemm: fc-to-conv makes a classifier head's Gemm a Conv, and its HardSwish stays."""
+    activation = epilogue_activation(layer)
     if len(activation) == 2:
         sigmoid, mul = activation
-        detail = f"SiLU (Sigmoid {sigmoid.name!r} * Mul {mul.name!r}) after Conv {conv.name!r}"
+        detail = f"SiLU (Sigmoid {sigmoid.name!r} * Mul {mul.name!r}) after {layer.op} {layer.name!r}"
     elif len(activation) == 1 and activation[0].op in COMPOSITE_ACTIVATIONS:
-        detail = f"{activation[0].op} {activation[0].name!r} after Conv {conv.name!r}"
+        detail = f"{activation[0].op} {activation[0].name!r} after {layer.op} {layer.name!r}"
     else:
         return []
-    return [COMPOSITE_ACTIVATION.at([conv.name, *(n.name for n in activation)], detail)]
+    # Likeness: fc-to-conv carries a head's activation into 4-D, where its output has a new name.
+    return [COMPOSITE_ACTIVATION.at([layer.name, *(n.name for n in activation)], detail, subject=output_names(activation[-1]),
+                                    likeness=" ".join(n.op for n in activation))]
 
 
 # -- 3. Pad before a Conv -------------------------------------------------------------------------
@@ -167,8 +173,8 @@ def _pad_before_conv(pad: gs.Node) -> list[Finding]:
     nodes = [pad.name, *(c.name for c in convs)]
     target = f"Pad {pad.name!r} before Conv {convs[0].name!r}"
     if reason is None:
-        return [PAD_FOLDABLE.at(nodes, f"{target} pads with zeros", fix_pass="simplify")]
-    return [PAD_NOT_FOLDABLE.at(nodes, f"{target} {reason}")]
+        return [PAD_FOLDABLE.at(nodes, f"{target} pads with zeros", subject=output_names(pad))]
+    return [PAD_NOT_FOLDABLE.at(nodes, f"{target} {reason}", subject=output_names(pad))]
 
 
 def _reason_pad_stays(pad: gs.Node) -> str | None:
@@ -243,7 +249,7 @@ def _qdq_after(conv: gs.Node) -> list[Finding]:
         for partner in dequantize.outputs[0].outputs:
             if _is_conv_epilogue_partner(partner, dequantize.outputs[0]):
                 detail = f"{quantize.name!r}/{dequantize.name!r} quantize the edge from Conv {conv.name!r} to {partner.op} {partner.name!r}"
-                return [QDQ_SPLITS.at([conv.name, quantize.name, dequantize.name, partner.name], detail)]
+                return [QDQ_SPLITS.at([conv.name, quantize.name, dequantize.name, partner.name], detail, subject=output_names(dequantize))]
     return []
 
 
@@ -270,7 +276,7 @@ def _reduce_over_spatial_axes(reduce: gs.Node) -> list[Finding]:
         return []
     scope = "every spatial axis" if len(axes) == len(shape) - 2 else f"spatial axes {sorted(axes)}"
     detail = f"{reduce.op} {reduce.name!r} reduces {scope} of a {len(shape)}-D tensor"
-    return [REDUCE_AS_POOL.at([reduce.name], detail, fix_pass="reduce-to-pool")]
+    return [REDUCE_AS_POOL.at([reduce.name], detail, subject=output_names(reduce))]
 
 
 def _reduce_axes(reduce: gs.Node) -> list[int] | None:
@@ -288,8 +294,10 @@ def _reduce_axes(reduce: gs.Node) -> list[int] | None:
 def is_fc_head(fc: gs.Node) -> bool:
     """A Gemm (or MatMul with a 2-D constant weight) computing a classifier head of a CNN.
 
-    Its input is a flattened 4-D feature map, possibly through activations and earlier layers
-    of the same head: what fc-to-conv rewrites into 1x1 convolutions.
+    Its input is a 4-D feature map flattened per sample, possibly through activations and
+    earlier layers of the same head: what fc-to-conv rewrites into convolutions. A Reshape that
+    folds tokens into the batch ([B, 197, 3, 64] -> [B * 197, 192], onnxsim's form of a
+    transformer's linear) is not one: fc-to-conv leaves token-wise linears alone.
     """
     if not _is_dense_with_constant_weight(fc):
         return False
@@ -299,12 +307,21 @@ def is_fc_head(fc: gs.Node) -> bool:
         if node is None:
             return False
         if node.op in ("Flatten", "Reshape"):
-            source = node.inputs[0].shape
-            return source is not None and len(source) == 4
+            return _flattens_a_map_per_sample(node)
         if not (node.op in ACTIVATIONS or node.op in ("Dropout", "Identity") or _is_dense_with_constant_weight(node)):
             return False
         tensor = node.inputs[0]
     return False
+
+
+def _flattens_a_map_per_sample(node: gs.Node) -> bool:
+    """A 4-D [B, C, H, W] map to [B, C*H*W]: the batch dim stays (same size, or same name)."""
+    source, flat = node.inputs[0].shape, node.outputs[0].shape
+    if source is None or flat is None or len(source) != 4 or len(flat) != 2:
+        return False
+    if node.op == "Flatten" and int_attr(node, "axis", 1) == 1:
+        return True
+    return source[0] == flat[0] and source[0] not in (None, "")
 
 
 def _is_dense_with_constant_weight(node: gs.Node) -> bool:
@@ -334,5 +351,5 @@ def _identity_scale(node: gs.Node) -> list[Finding]:
         if value.size != 1 and not same_shape(data, node.outputs[0]):
             continue  # the constant may broadcast the data to a bigger shape: not a no-op
         operand = "one" if identity == 1.0 else "zero"
-        return [IDENTITY_SCALE.at([node.name], f"{node.op} {node.name!r} by a constant {operand}", fix_pass="remove-identity-scale")]
+        return [IDENTITY_SCALE.at([node.name], f"{node.op} {node.name!r} by a constant {operand}", subject=output_names(node))]
     return []

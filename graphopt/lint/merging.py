@@ -8,7 +8,9 @@ QDQ method"). merge-convs merges both into one wider Conv. Groups of identical s
 float model are left to TensorRT and not reported.
 
 Siblings must be plain (group 1) Convs with constant weights, the same strides and dilations,
-and outputs of the same spatial size, so that one Conv can compute them all.
+and outputs of the same spatial size, so that one Conv can compute them all. Which pass takes a
+group (merge-convs; reparameterize, for branches summed by an Add) is the forecast's answer:
+the passes decide, with their own rules.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import defaultdict
 import onnx_graphsurgeon as gs
 
 from graphopt.graphs import nodes_with_op, static_shape
-from graphopt.lint.context import LintContext, int_attr, is_weight, producer
+from graphopt.lint.context import LintContext, int_attr, is_weight, pass_default, producer
 from graphopt.lint.findings import Finding, Kind
 
 DIFFERENT_KERNELS = Kind(
@@ -28,8 +30,6 @@ DIFFERENT_KERNELS = Kind(
     "that each read the shared input (NVIDIA/TensorRT#501).",
     "https://github.com/NVIDIA/TensorRT/issues/501",
 )
-# merge-convs' default: it declines groups whose zero-padded kernels grow the FLOPs more.
-MERGE_CONVS_MAX_FLOP_GROWTH = 2.0
 QUANTIZED_SIBLINGS = Kind(
     "GO-MERGE-002", "quantized-siblings", "merging", "warning",
     "TensorRT does not merge sibling Convs quantized with Q/DQ, even with identical kernels, so these "
@@ -46,21 +46,18 @@ def check(ctx: LintContext) -> list[Finding]:
             continue  # identical siblings: TensorRT merges them itself
         shapes = ", ".join(f"{c.name!r} {'x'.join(map(str, _kernel(c)))}x{_out_channels(c)}" for c in convs)
         detail = f"{len(convs)} Convs read {source!r}: {shapes}"
-        fix: str | None = "merge-convs"
-        if (reason := reason_merge_convs_declines(convs)) is not None:
-            fix, detail = None, f"{detail}; {reason}"
         kind = QUANTIZED_SIBLINGS if quantized else DIFFERENT_KERNELS
-        findings.append(kind.at([c.name for c in convs], detail, fix_pass=fix, flops_share=ctx.share(convs)))
+        subject = (source, *sorted(c.outputs[0].name for c in convs))
+        findings.append(kind.at([c.name for c in convs], detail, flops_share=ctx.share(convs), subject=subject, hint=_hint(convs)))
     return findings
 
 
-def reason_merge_convs_declines(convs: list[gs.Node]) -> str | None:
-    """Why merge-convs (default options) would leave this sibling group alone, or None."""
+def _hint(convs: list[gs.Node]) -> str | None:
+    """Why merge-convs may leave the group alone (shown only when the forecast says it does)."""
     if any(_reads_dequantized(c) for c in convs):
         return "merge-convs declines Q/DQ siblings, so merge them in the float model before quantizing"
-    if (growth := flop_growth(convs)) > MERGE_CONVS_MAX_FLOP_GROWTH:
-        return (f"zero-padding the kernels to one window grows their FLOPs {growth:.1f}x, "
-                f"over merge-convs' max_flop_growth {MERGE_CONVS_MAX_FLOP_GROWTH:g}")
+    if (growth := flop_growth(convs)) > (limit := pass_default("merge-convs", "max_flop_growth")):
+        return f"zero-padding the kernels to one window grows their FLOPs {growth:.1f}x, over merge-convs' max-flop-growth {limit:g}"
     return None
 
 

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.graphs import DEFAULT_DOMAINS, iter_subgraphs
 from graphopt.lint import trt_parser_ops
-from graphopt.lint.context import LintContext, int_attr, resolved_constant
+from graphopt.lint.context import LintContext, int_attr, output_names, resolved_constant
 from graphopt.lint.findings import Finding, Kind
 
 SOURCE = trt_parser_ops.SOURCE
@@ -92,17 +92,19 @@ def check(ctx: LintContext, model: onnx.ModelProto) -> list[Finding]:
         if (node.domain or "", node.op) in functions:
             continue  # the parser imports model-local functions by inlining them
         if node.domain not in DEFAULT_DOMAINS:
-            findings.append(CUSTOM_DOMAIN.at([node.name], f"{node.op} {node.name!r} is in domain {node.domain!r}"))
+            findings.append(CUSTOM_DOMAIN.at([node.name], f"{node.op} {node.name!r} is in domain {node.domain!r}", subject=output_names(node)))
             continue
         support = trt_parser_ops.OPERATORS.get(node.op)
         if support is None or not support.supported:
             listed = "is marked unsupported" if support else "is not"
-            findings.append(UNSUPPORTED_OP.at([node.name], f"{node.op} {node.name!r}: the op {listed} in the parser's operator list"))
+            findings.append(UNSUPPORTED_OP.at([node.name], f"{node.op} {node.name!r}: the op {listed} in the parser's operator list",
+                                              subject=output_names(node)))
             continue
-        findings += [UNSUPPORTED_USE.at([node.name], f"{node.op} {node.name!r} {reason}") for reason in _restrictions_broken(node, graph_outputs)]
+        findings += [UNSUPPORTED_USE.at([node.name], f"{node.op} {node.name!r} {reason}", subject=output_names(node))
+                     for reason in _restrictions_broken(node, graph_outputs)]
         if (type_name := _first_input_type(node)) is not None and support.types and type_name not in support.types:
             detail = f"{node.op} {node.name!r} takes {type_name}; the parser lists {', '.join(support.types)}"
-            findings.append(UNSUPPORTED_TYPE.at([node.name], detail))
+            findings.append(UNSUPPORTED_TYPE.at([node.name], detail, subject=output_names(node)))
     findings += _opset(model)
     findings += _dynamic_inputs(ctx.graph)
     return findings
@@ -128,7 +130,8 @@ def _first_input_type(node: gs.Node) -> str | None:
 def _opset(model: onnx.ModelProto) -> list[Finding]:
     versions = [op.version for op in model.opset_import if op.domain in ("", "ai.onnx")]
     low, high = trt_parser_ops.MIN_OPSET, trt_parser_ops.MAX_OPSET
-    return [OPSET_OUT_OF_RANGE.at([], f"the model imports ONNX opset {v}, outside {low}-{high}") for v in versions if not low <= v <= high]
+    return [OPSET_OUT_OF_RANGE.at([], f"the model imports ONNX opset {v}, outside {low}-{high}", subject=(f"opset {v}",))
+            for v in versions if not low <= v <= high]
 
 
 def _dynamic_inputs(graph: gs.Graph) -> list[Finding]:
@@ -139,7 +142,7 @@ def _dynamic_inputs(graph: gs.Graph) -> list[Finding]:
             continue
         dims = "unknown rank" if shape is None else "x".join(str(d) if isinstance(d, (int, np.integer)) and d >= 0 else str(d or "?") for d in shape)
         detail = f"graph input {tensor.name!r} has dynamic dims ({dims})"
-        findings.append(DYNAMIC_INPUT.at([n.name for n in tensor.outputs], detail))
+        findings.append(DYNAMIC_INPUT.at([n.name for n in tensor.outputs], detail, subject=(tensor.name,)))
     return findings
 
 

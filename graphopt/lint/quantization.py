@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.lint.context import (
     QDQ_OPS, LintContext, components, data_inputs, epilogue_activation, in_graph_order, is_activation,
-    is_weighted, nearest, reachability, resolved_constant,
+    is_weighted, nearest, output_names, reachability, resolved_constant,
 )
 from graphopt.lint.findings import Finding, Kind
 
@@ -82,7 +82,8 @@ def check(ctx: LintContext) -> list[Finding]:
         for layer in graph.nodes:
             if is_weighted(layer) and not is_quantized(layer) and in_middle([layer]):
                 detail = f"{layer.op} {layer.name!r} reads a float tensor between INT8 layers"
-                findings.append(FLOAT_DENSE_LAYER.at([layer.name], detail, flops_share=ctx.share([layer])))
+                subject = tuple(t.name for t in data_inputs(layer))
+                findings.append(FLOAT_DENSE_LAYER.at([layer.name], detail, flops_share=ctx.share([layer]), subject=subject))
     seeds = [n for n in graph.nodes if is_float_only(n)]
     for group in components(seeds, joins=lambda n: _op_class(n) == "transparent"):
         if not in_middle(group):
@@ -100,7 +101,7 @@ def check(ctx: LintContext) -> list[Finding]:
         if share is not None:
             layers = "dense layer" if len(around) == 1 else "dense layers"
             detail += f"; the {len(around)} {layers} next to them carry {share:.1%} of the FLOPs"
-        findings.append(FLOAT_ONLY_OPS.at([n.name for n in group], detail, flops_share=share))
+        findings.append(FLOAT_ONLY_OPS.at([n.name for n in group], detail, flops_share=share, subject=tuple(sorted(output_names(*group)))))
     return findings
 
 
@@ -130,5 +131,5 @@ def _regions(ctx: LintContext, quantized: list[gs.Node], joins: Callable[[gs.Nod
         names = [n.name for n in in_graph_order(ctx.graph, region)]
         layers = "dense layer" if len(names) == 1 else "dense layers"
         detail = f"INT8 region of {len(names)} {layers} from {names[0]!r} to {names[-1]!r}"
-        findings.append(INT8_REGION.at(names, detail, flops_share=ctx.share(region)))
+        findings.append(INT8_REGION.at(names, detail, flops_share=ctx.share(region), subject=tuple(sorted(output_names(*region)))))
     return findings

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from graphopt.lint import trt_parser_ops
-from graphopt.lint.findings import SEVERITIES, Finding, LintReport
+from graphopt.lint.findings import SEVERITIES, Finding, LintReport, match_findings
 
 SITES_SHOWN = 5  # per kind in the text report; --json has them all
 NEW_SHOWN = 10
@@ -42,20 +42,20 @@ def format_findings(report: LintReport) -> str:
 def diff_findings(before: LintReport, after: LintReport) -> str:
     """How the findings changed from a pipeline's input to its output (`graphopt run --lint`).
 
-    Findings are matched by code, nodes and rule; a pass that renames the nodes it rewrites turns
-    a finding it left in place into one resolved and one new, so the per-kind counts come first.
+    Findings are paired by what they are about (`match_findings`: code, rule and subject, the
+    tensors a pass keeps), not by node names, so a finding a pass left in place is unchanged
+    even when the pass renamed its nodes.
     """
-    old = {f.key: f for f in before.findings}
-    new = {f.key: f for f in after.findings}
-    resolved = [f for key, f in old.items() if key not in new]
-    added = [f for key, f in new.items() if key not in old]
-    lines = [f"lint ({after.precision}): {_count(len(old), 'finding')} -> {len(new)} ({len(resolved)} resolved, {len(added)} new)"]
+    diff = match_findings(before.findings, after.findings)
+    lines = [f"lint ({after.precision}): {_count(len(before.findings), 'finding')} -> {len(after.findings)} "
+             f"({len(diff.resolved)} resolved, {len(diff.new)} new, {len(diff.kept)} unchanged)"]
     counts_before, counts_after = before.codes(), after.codes()
     names = {f.code: f.name for f in [*before.findings, *after.findings]}
     for code in sorted(set(counts_before) | set(counts_after)):
         change = counts_after[code] - counts_before[code]
         mark = "" if change == 0 else f" ({change:+d})"
         lines.append(f"  {code} {names[code]}: {counts_before[code]} -> {counts_after[code]}{mark}")
+    added = [after.findings[j] for j in diff.new]
     for finding in added[:NEW_SHOWN]:
         lines.append(f"  new: {finding.severity} {finding.code} {_site(finding)}")
     if len(added) > NEW_SHOWN:
