@@ -2,7 +2,10 @@
 
 Matches a Conv (group 1; its weight a constant, or int8/uint8 integers behind a DequantizeLinear
 per tensor or per output channel; static output shape) whose output channel count C is not a
-multiple of the alignment: 8 for `precision=fp16`, 32 for `int8`, or `align`. The conv roots a
+multiple of its layer's alignment. A layer's precision is read from the graph (graphopt.precision:
+Q/DQ on input and weight -> int8 or fp8, float16 tensors -> fp16, float32 -> the `precision`
+option) and aligns to 8 (fp16), 16 (fp8) or `int8_align` (32; 16 on request), or to `align` when
+given; the report says per conv how its precision was decided. The conv roots a
 *site*: everything that must change with it for the graph to compute the same outputs.
 
 Emits, for C -> Cp (C rounded up to the alignment):
@@ -60,8 +63,8 @@ from graphopt.graphs import (
     weight,
 )
 from graphopt.passbase import GraphPass, PassStats, Site
+from graphopt.precision import LayerPrecision, layer_precision
 
-ALIGN_FOR_PRECISION = {"fp16": 8, "int8": 32}
 VALID_ALIGNS = (8, 16, 32)
 QUANTIZED_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 MIN_OPSET = 11  # Slice and Pad take their parameters as inputs from here on
@@ -90,22 +93,32 @@ SKIP_OPSET = f"opset below {MIN_OPSET}"
 
 @dataclass(frozen=True)
 class PadChannelsOptions:
-    precision: Literal["fp16", "int8"] = "fp16"  # fp16 aligns to 8, int8 to 32
-    align: int | None = None  # 8, 16 or 32; overrides precision
+    # What a float32 layer will run in; a quantized or float16 layer's own types decide its
+    # precision (graphopt.precision): fp16 aligns to 8, int8 to `int8_align`, fp8 to 16.
+    precision: Literal["fp16", "int8", "fp8"] = "fp16"
+    align: int | None = None  # 8, 16 or 32 for every layer, whatever its precision
+    int8_align: int = 32  # 32 (kCHW32) or 16 (TensorRT's engine lint, ModelOpt's INT8 eligibility)
     max_overhead: float = 0.5  # extra FLOPs a site may add, relative to the convs it touches
     pad_first_layer: bool = False  # also pad the unaligned channels of graph inputs read by convs
 
     def __post_init__(self) -> None:
-        if self.precision not in ALIGN_FOR_PRECISION:
-            raise ValueError(f"precision must be one of {', '.join(ALIGN_FOR_PRECISION)}, got {self.precision!r}")
+        if self.precision not in ("fp16", "int8", "fp8"):
+            raise ValueError(f"precision must be one of fp16, int8, fp8, got {self.precision!r}")
         if self.align is not None and self.align not in VALID_ALIGNS:
             raise ValueError(f"align must be one of {', '.join(map(str, VALID_ALIGNS))}, got {self.align}")
+        if self.int8_align not in (16, 32):
+            raise ValueError(f"int8_align must be 16 or 32, got {self.int8_align}")
         if not self.max_overhead >= 0:
             raise ValueError(f"max_overhead must be >= 0, got {self.max_overhead}")
 
     @property
     def alignment(self) -> int:
-        return self.align if self.align is not None else ALIGN_FOR_PRECISION[self.precision]
+        """The alignment of a float32 layer (the target precision's)."""
+        return self.align if self.align is not None else LayerPrecision(self.precision, "").alignment(self.int8_align)
+
+    def layer_alignment(self, conv: gs.Node) -> tuple[int, LayerPrecision]:
+        precision = layer_precision(conv, self.precision)
+        return (self.align if self.align is not None else precision.alignment(self.int8_align)), precision
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,8 @@ class ChannelSite:
     readers: list[Reader] = field(default_factory=list)  # who reads a site tensor padded, and how
     sliced: list[str] = field(default_factory=list)  # tensors still read unpadded: a Slice writes them
     costs: list[ConvCost] = field(default_factory=list)  # measured before any site is rewritten
+    precisions: dict[str, LayerPrecision] = field(default_factory=dict)  # each root's, and how decided
+    alignment: int = 0  # the largest its roots' precisions want
 
     def readers_as(self, role: Role) -> list[gs.Node]:
         return [reader.node for reader in self.readers if reader.decision.role is role]
@@ -146,7 +161,7 @@ class ChannelSite:
 
 class PadChannels(GraphPass[PadChannelsOptions]):
     name = "pad-channels"
-    summary = "Pad unaligned conv channels with zero filters up to a multiple of 8 (fp16) or 32 (int8)."
+    summary = "Pad unaligned conv channels with zero filters to each layer's precision: 8 (fp16), 16 (fp8), 32 (int8)."
     Options = PadChannelsOptions
     order = 60
 
@@ -154,15 +169,17 @@ class PadChannels(GraphPass[PadChannelsOptions]):
         if opset_version(graph) < MIN_OPSET:
             stats.skip(SKIP_OPSET)
             return []
-        align = self.options.alignment
-        roots = []
+        roots, aligns, precisions = [], {}, {}
         for conv in nodes_with_op(graph, "Conv"):
-            if (reason := root_problem(conv, align)) is not None:
+            aligns[conv.name], precisions[conv.name] = self.options.layer_alignment(conv)
+            if (reason := root_problem(conv, aligns[conv.name])) is not None:
                 stats.skip(reason)
             else:
                 roots.append(conv)
         sites = []
-        for site, reason in plan_sites(graph, roots, align):
+        for site, reason in plan_sites(graph, roots, aligns):
+            site.precisions = {root.name: precisions[root.name] for root in site.roots}
+            site.alignment = max(aligns[root.name] for root in site.roots)
             if reason is None:
                 site.costs = site_costs(site)
                 reason = self.overhead_problem(site.costs)
@@ -220,6 +237,8 @@ class PadChannels(GraphPass[PadChannelsOptions]):
         before, after = total_flops(padding.costs)
         stats.details.append({
             "site": site.key,
+            "precision": {conv: f"{p.precision} ({p.decided_by})" for conv, p in padding.precisions.items()},
+            "alignment": padding.alignment,
             "flops": [before, after],
             "flops_overhead": round((after - before) / before, 4),
             "convs": [{"conv": c.conv, "out_channels": list(c.out_channels), "in_channels": list(c.in_channels),
@@ -310,8 +329,10 @@ SLICE = Decision(Role.SLICE)
 CARRY = Decision(Role.CARRY)
 
 
-def plan_sites(graph: gs.Graph, roots: list[gs.Node], align: int) -> list[tuple[ChannelSite, str | None]]:
-    """The sites the roots' padding makes, in graph order, each with a reason to decline it or None."""
+def plan_sites(graph: gs.Graph, roots: list[gs.Node], aligns: dict[str, int]) -> list[tuple[ChannelSite, str | None]]:
+    """The sites the roots' padding makes, in graph order, each with a reason to decline it or None.
+    A site pads to the largest alignment its roots need (`aligns`: by conv name): no layer ends at
+    a smaller multiple than its precision wants."""
     reach = Reach(graph)
     for root in roots:
         reach.add(root.outputs[0], root.outputs[0].shape[1])
@@ -319,8 +340,9 @@ def plan_sites(graph: gs.Graph, roots: list[gs.Node], align: int) -> list[tuple[
     sites: dict[str, ChannelSite] = {}
     for root in roots:
         channels = root.outputs[0].shape[1]
-        site = sites.setdefault(reach.find(root.outputs[0].name), ChannelSite(channels, round_up(channels, align)))
+        site = sites.setdefault(reach.find(root.outputs[0].name), ChannelSite(channels, channels))
         site.roots.append(root)
+        site.padded = max(site.padded, round_up(channels, aligns[root.name]))
     for name, tensor in reach.tensors.items():
         sites[reach.find(name)].tensors.append(tensor)
     for reader in reach.readers:

@@ -183,48 +183,53 @@ def test_slices_back_before_the_padded_tensor_becomes_a_divisor():
     assert producer(out, node_named(out, "div_d").input[1]).op_type == "Slice"
 
 
+# A conv with Q/DQ on its input and weight runs INT8: 17 channels pad to 32 (kCHW32), an overhead
+# of 88% that the default max_overhead (0.5) would decline.
+INT8_17_TO_32 = PadChannels(max_overhead=1.0)
+
+
 def test_pads_per_channel_quantized_weights_consistently():
-    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_channel_17"), PadChannels())
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_channel_17"), INT8_17_TO_32)
     dq1 = producer(out, node_named(out, "conv1").input[1])
     q1, scale1, zero1 = (value(out, name) for name in dq1.input)
-    assert q1.shape == (24, 16, 3, 3) and q1.dtype == np.int8 and not q1[17:].any()
-    assert scale1.shape == (24,) and zero1.shape == (24,) and (scale1[17:] == 1).all()
+    assert q1.shape == (32, 16, 3, 3) and q1.dtype == np.int8 and not q1[17:].any()
+    assert scale1.shape == (32,) and zero1.shape == (32,) and (scale1[17:] == 1).all()
     dq2 = producer(out, node_named(out, "conv2").input[1])
     q2 = value(out, dq2.input[0])
-    assert q2.shape == (16, 24, 3, 3) and not q2[:, 17:].any()
+    assert q2.shape == (32, 32, 3, 3) and not q2[:, 17:].any()
 
 
 def test_pads_per_tensor_quantized_weights_with_their_zero_point():
-    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_tensor_17"), PadChannels())
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_tensor_17"), INT8_17_TO_32)
     dq1 = producer(out, node_named(out, "conv1").input[1])
     q1, scale1, zero1 = (value(out, name) for name in dq1.input)
-    assert q1.shape == (24, 16, 3, 3) and scale1.shape == zero1.shape == () and zero1 == 3
+    assert q1.shape == (32, 16, 3, 3) and scale1.shape == zero1.shape == () and zero1 == 3
     assert (q1[17:] == 3).all()  # (3 - 3) * scale = 0
     q2 = value(out, producer(out, node_named(out, "conv2").input[1]).input[0])
-    assert q2.shape == (16, 24, 3, 3) and (q2[:, 17:] == 3).all()
+    assert q2.shape == (32, 32, 3, 3) and (q2[:, 17:] == 3).all()
 
 
 def test_pads_float_weights_behind_a_quantize_linear_in_that_form():
-    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_float_weight_17"), PadChannels())
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_float_weight_17"), INT8_17_TO_32)
     dq1 = producer(out, node_named(out, "conv1").input[1])
     quantize = producer(out, dq1.input[0])
     assert quantize.op_type == "QuantizeLinear" and list(quantize.input[1:]) == list(dq1.input[1:])
     floats, scale = value(out, quantize.input[0]), value(out, quantize.input[1])
-    assert floats.dtype == np.float32 and floats.shape == (24, 16, 3, 3) and not floats[17:].any()
-    assert scale.shape == (24,) and (scale[17:] == 1).all()
+    assert floats.dtype == np.float32 and floats.shape == (32, 16, 3, 3) and not floats[17:].any()
+    assert scale.shape == (32,) and (scale[17:] == 1).all()
     conv2_floats = value(out, producer(out, producer(out, node_named(out, "conv2").input[1]).input[0]).input[0])
-    assert conv2_floats.shape == (16, 24, 3, 3) and not conv2_floats[:, 17:].any()
+    assert conv2_floats.shape == (32, 32, 3, 3) and not conv2_floats[:, 17:].any()
 
 
 def test_pads_per_channel_activation_quantization_scales():
-    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_activation_per_channel_17"), PadChannels())
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/qdq_activation_per_channel_17"), INT8_17_TO_32)
     quantize = node_named(out, "quantizelinear_rq")
     scale, zero_point = value(out, quantize.input[1]), value(out, quantize.input[2])
-    assert scale.shape == zero_point.shape == (24,) and (scale[17:] == 1).all() and not zero_point[17:].any()
+    assert scale.shape == zero_point.shape == (32,) and (scale[17:] == 1).all() and not zero_point[17:].any()
     dequantize = node_named(out, "dequantizelinear_rd")
-    assert value(out, dequantize.input[1]).shape == (24,)
+    assert value(out, dequantize.input[1]).shape == (32,)
     weight_dq = producer(out, node_named(out, "conv2").input[1])
-    assert value(out, weight_dq.input[0]).shape == (16, 24, 3, 3)
+    assert value(out, weight_dq.input[0]).shape == (32, 32, 3, 3)
 
 
 def test_carries_padding_through_pools_and_every_listed_activation():
@@ -323,7 +328,7 @@ def test_reports_each_sites_flops_before_and_after_and_each_conv_it_grows():
     assert site["flops_overhead"] == pytest.approx(7 / 17, abs=1e-4)
 
 
-@pytest.mark.parametrize("options", [{"align": 12}, {"max_overhead": -0.1}, {"precision": "fp8"}])
+@pytest.mark.parametrize("options", [{"align": 12}, {"max_overhead": -0.1}, {"precision": "int4"}, {"int8_align": 8}])
 def test_rejects_invalid_options(options):
     with pytest.raises(ValueError):
         PadChannels(**options)
@@ -425,3 +430,18 @@ def test_efficientnet_b0_pads_squeeze_excite_convs_within_overhead():
     assert len(record.sites_applied) == 8 and record.skipped[SKIP_OVERHEAD] == 3
     assert record.counters["channels_padded"] == 28 and "slices_inserted" not in record.counters
     assert all(site["flops"][0] < site["flops"][1] <= 1.5 * site["flops"][0] for site in record.details)
+
+
+def test_a_quantized_conv_aligns_to_int8s_32_and_a_float_conv_to_fp16s_8():
+    out, record = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_tensor_17"), INT8_17_TO_32)
+    assert record.details and all(site["alignment"] == 32 for site in record.details)
+    assert {p for site in record.details for p in site["precision"].values()} == {"int8 (Q/DQ on its input and weight)"}
+    _, float_record = assert_rewrites_equivalently(load_case("pad_channels/pool_chain_17"), PadChannels())
+    assert [d["alignment"] for d in float_record.details] == [8]
+    assert set(float_record.details[0]["precision"].values()) == {"fp16 (float32 layer: the target precision (fp16))"}
+
+
+def test_int8_align_16_leaves_a_quantized_conv_of_16_channels_alone():
+    # qdq_per_tensor_17's conv2 has 16 output channels: unaligned for 32, aligned for 16
+    _, record = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_tensor_17"), PadChannels(int8_align=16, max_overhead=1.0))
+    assert [site["alignment"] for site in record.details] == [16] and record.sites_applied == ["conv:conv1"]
