@@ -7,6 +7,7 @@ report it with the output of --debug). Errors print one line; --debug adds the t
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -30,12 +31,21 @@ from graphopt.verify import ORT, TRT, Tolerance, Verifier, default_tolerance, pa
 EXIT_INTERNAL = 3
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that temporary files are cleaned up the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn every failure into one line on stderr and a documented exit code."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except click.ClickException:
@@ -45,9 +55,10 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             click.echo(f"graphopt: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("graphopt: interrupted; nothing was written", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as err:
+            # Outputs are renamed into place whole, so an interrupt leaves no partial or temporary file.
+            click.echo("graphopt: interrupted; no file was left half-written", err=True)
+            sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))
         except Exception as err:  # a bug: still one line unless --debug, never a half-written file
             if debug:
                 traceback.print_exc()
@@ -111,8 +122,14 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], re
         raise click.UsageError("-o/--output and --in-place exclude each other")
     pipeline_passes = parse_spec(passes, skip)  # a bad spec is reported before any slow work
     shapes = parse_input_shapes(input_shapes)
-    source = modelio.load_model(model)
-    target = modelio.check_output_path(output or model, model, overwrite_input=in_place or force)
+    source_file = modelio.read_model(model)
+    source = source_file.model
+    outputs = [modelio.OutputFile(output or model, "-o" if output else "--in-place", is_model=True,
+                                  may_replace=model if in_place or force else None)]
+    if report_path:
+        outputs.append(modelio.OutputFile(report_path, "--report"))
+    target, *report_target = modelio.check_outputs(outputs, source_file.inputs())
+    write_report = (lambda report: modelio.write_text_atomic(report_target[0], report.to_json())) if report_target else (lambda report: None)
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     pipeline = Pipeline(pipeline_passes, verify=not no_verify, strict=strict, fixed_point=fixed_point,
                         tolerance=_tolerance(source, atol, rtol) if not no_verify else None,
@@ -120,31 +137,23 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], re
     try:
         optimized, report = pipeline.run(source)
     except EquivalenceError as err:
-        if report_path and isinstance(err.report, Report):
-            _write_text(report_path, err.report.to_json())
-        if not quiet and isinstance(err.report, Report):
-            click.echo(format_summary(err.report))
+        if isinstance(err.report, Report):
+            write_report(err.report)
+            if not quiet:
+                click.echo(format_summary(err.report))
         raise EquivalenceError(f"{err}; nothing was written") from None
     if report.final is not None and not report.final.passed:
         # Each pass verified on its own but together they drifted: never write an unproven model.
-        if report_path:
-            _write_text(report_path, report.to_json())
+        write_report(report)
         raise EquivalenceError(f"the optimized model differs from the input: {report.final.detail}; nothing was written")
     modelio.save_model(optimized, target)
-    if report_path:
-        _write_text(report_path, report.to_json())
+    write_report(report)
     if not quiet:
         click.echo(format_summary(report))
-        click.echo(f"wrote {target}", err=True)
+        click.echo(f"wrote {output or model}", err=True)
     if show_lint and not quiet:
         before = lint_model(source, name=model.name)
         click.echo(diff_findings(before, lint_model(optimized, before.precision)))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Reports are written atomically too, with the same checks as the model output."""
-    target = modelio.check_output_path(path, None, overwrite_input=False)
-    modelio.write_text_atomic(target, text)
 
 
 def format_summary(report: Report) -> str:
@@ -233,26 +242,27 @@ def verify(reference: Path, candidate: Path | None, save_outputs_path: Path | No
     With --load-outputs, give one model: it is checked against the saved outputs.
     """
     shapes = parse_input_shapes(input_shapes)
-    if load_outputs_path is not None:
-        if candidate is not None:
-            raise click.UsageError("with --load-outputs give one model: the one to check against the saved outputs")
-        candidate_model = modelio.load_model(reference)
-        expected = load_outputs(load_outputs_path)
-        reference_model = candidate_model
-    else:
-        if candidate is None:
-            raise click.UsageError("give two models (REFERENCE CANDIDATE), or one model with --load-outputs")
-        reference_model, candidate_model = modelio.load_model(reference), modelio.load_model(candidate)
-        expected = None
+    if load_outputs_path is not None and candidate is not None:
+        raise click.UsageError("with --load-outputs give one model: the one to check against the saved outputs")
+    if load_outputs_path is None and candidate is None:
+        raise click.UsageError("give two models (REFERENCE CANDIDATE), or one model with --load-outputs")
+    reference_file = modelio.read_model(reference)
+    candidate_file = modelio.read_model(candidate) if candidate is not None else reference_file
+    inputs = reference_file.inputs("the reference model") + candidate_file.inputs("the candidate model")
+    inputs += [modelio.InputFile(path, option) for path, option in ((load_outputs_path, "--load-outputs"), (load_inputs_path, "--load-inputs")) if path]
+    outputs = [modelio.OutputFile(path, option) for path, option in ((save_outputs_path, "--save-outputs"), (save_inputs_path, "--save-inputs")) if path]
+    targets = dict(zip((out.option for out in outputs), modelio.check_outputs(outputs, inputs)))
+    reference_model, candidate_model = reference_file.model, candidate_file.model
+    expected = load_outputs(load_outputs_path) if load_outputs_path else None
     feed = load_inputs(load_inputs_path) if load_inputs_path else None
     verifier = Verifier(reference_model, input_shapes=shapes, seed=seed, backend=backend, feed=feed,
                         tolerance=_tolerance(reference_model, atol, rtol))
     if expected is None:
         expected = verifier.reference(reference_model)
-    if save_outputs_path:
-        save_outputs(save_outputs_path, expected)
-    if save_inputs_path:
-        save_inputs(save_inputs_path, verifier.feed)
+    if "--save-outputs" in targets:
+        save_outputs(targets["--save-outputs"], expected)
+    if "--save-inputs" in targets:
+        save_inputs(targets["--save-inputs"], verifier.feed)
     verdict, _ = verifier.check(expected, candidate_model)
     for output in verdict.outputs:
         click.echo(f"{'PASS' if output.passed else 'FAIL'}  {output.describe()}")

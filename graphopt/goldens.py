@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
-from polygraphy.json import load_json, save_json
+from polygraphy.json import load_json, to_json
 
 from graphopt.errors import ModelError
+from graphopt.modelio import write_text_atomic
 
 
 def inputs_path_for(outputs_path: str | os.PathLike) -> Path:
@@ -26,13 +27,14 @@ def inputs_path_for(outputs_path: str | os.PathLike) -> Path:
 
 
 def save_outputs(path: str | os.PathLike, outputs: Mapping[str, np.ndarray], runner: str = "onnxruntime") -> None:
+    """Written atomically, like models: a failure never leaves half a golden."""
     results = RunResults()
     results.append((runner, [IterationResult(OrderedDict(outputs), runner_name=runner)]))
-    results.save(os.fspath(path))
+    write_text_atomic(path, to_json(results))
 
 
 def save_inputs(path: str | os.PathLike, feed: Mapping[str, np.ndarray]) -> None:
-    save_json([OrderedDict(feed)], os.fspath(path), description="graphopt verification inputs")
+    write_text_atomic(path, to_json([OrderedDict(feed)]))
 
 
 def load_outputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from graphopt.testing import record_golden
 from tests.fixtures.cases import case_path
 
 GRAPHOPT = str(Path(sys.executable).parent / "graphopt")
@@ -109,3 +110,50 @@ def test_debug_shows_the_traceback(tmp_path):
     result = subprocess.run([GRAPHOPT, "--debug", "run", str(tmp_path / "nowhere.onnx"), "-o", str(tmp_path / "o.onnx")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+# -- files are never lost: every output against every input, its external data and each other ------
+
+
+def make_named_files(folder: Path) -> None:
+    """A model, a model with external weights, links to the model, a golden, and a report."""
+    (folder / "model.onnx").write_bytes(GOOD.read_bytes())
+    onnx.save_model(onnx.load(str(GOOD)), str(folder / "ext.onnx"), save_as_external_data=True, location="ext.weights",
+                    size_threshold=0)
+    (folder / "hard.onnx").hardlink_to(folder / "model.onnx")
+    (folder / "sym.onnx").symlink_to("model.onnx")
+    (folder / "dangling.onnx").symlink_to("nowhere/model.onnx")
+    record_golden(GOOD, folder / "golden.json")  # and golden.inputs.json beside it
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "model.onnx"], "--report model.onnx: is the input model"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "out.onnx"], "--report out.onnx and -o out.onnx name the same file"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "./out.onnx"], "name the same file"),
+        (["run", "model.onnx", "-o", "hard.onnx"], "hard.onnx: is the input model"),
+        (["run", "model.onnx", "-o", "sym.onnx"], "sym.onnx: is the input model"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "hard.onnx"], "--report hard.onnx: is the input model"),
+        (["run", "ext.onnx", "-o", "ext.weights"], "-o ext.weights: is external data of"),
+        (["run", "ext.onnx", "-o", "ext.weights", "--force"], "-o ext.weights: is external data of"),
+        (["run", "ext.onnx", "-o", "out.onnx", "--report", "ext.weights"], "--report ext.weights: is external data of"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "out.onnx.data"], "name the same file"),
+        (["run", "model.onnx", "-o", "/dev/null"], "is not a regular file"),
+        (["run", "model.onnx", "-o", "dangling.onnx"], "is a symbolic link to"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "/proc/report.json"], "is not writable"),
+        (["run", "model.onnx", "-o", "out.onnx", "--report", "missing_dir/report.json"], "does not exist"),
+        (["verify", "model.onnx", "ext.onnx", "--save-outputs", "model.onnx"], "--save-outputs model.onnx: is the reference model"),
+        (["verify", "model.onnx", "ext.onnx", "--save-inputs", "ext.weights"], "--save-inputs ext.weights: is external data of"),
+        (["verify", "model.onnx", "hard.onnx", "--save-outputs", "o.json", "--save-inputs", "o.json"], "name the same file"),
+        (["verify", "model.onnx", "--load-outputs", "golden.json", "--save-outputs", "golden.json"], "is --load-outputs"),
+        (["verify", "model.onnx", "model.onnx", "--load-inputs", "golden.inputs.json", "--save-inputs", "golden.inputs.json"], "is --load-inputs"),
+        (["lint", "model.onnx", "--json", "sym.onnx"], "--json sym.onnx: is the input model"),
+    ],
+)
+def test_an_output_that_would_destroy_a_file_is_refused_before_anything_is_written(tmp_path, args, message):
+    make_named_files(tmp_path)
+    before = snapshot(tmp_path)
+    result = subprocess.run([GRAPHOPT, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert_clean_refusal(result, message)
+    assert snapshot(tmp_path) == before  # nothing overwritten, nothing new (no -o, no report, no temporary)

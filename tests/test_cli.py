@@ -156,3 +156,52 @@ def test_run_with_lint_shows_what_the_rewrite_bought(tmp_path):
     result = graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--lint")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^lint \(fp16\): \d+ findings -> \d+", result.stdout, re.MULTILINE)
+
+
+def test_an_output_that_is_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "models" / "current.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"previous model")
+    link = tmp_path / "deploy.onnx"
+    link.symlink_to(target)
+    result = graphopt_cli("run", case_path("core/identity_weights"), "-o", link)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == target
+    assert_equivalent(load_case("core/identity_weights"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy.onnx", "models"]
+
+
+def test_reports_get_the_same_permissions_as_models(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert graphopt_cli("run", case_path("core/conv_stack"), "-o", out, "--report", report).returncode == 0
+    assert report.stat().st_mode == out.stat().st_mode
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    report.chmod(0o640)
+    assert graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--report", report).returncode == 0
+    assert json.loads(report.read_text())["pipeline"] and (report.stat().st_mode & 0o777) == 0o640
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_folder(tmp_path):
+    # The signal arrives while the model is staged in its temporary folder, before the rename.
+    script = tmp_path / "terminate_while_saving.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from graphopt import cli, modelio\n"
+        "write = modelio._write\n"
+        "def write_then_terminate(model, path):\n"
+        "    write(model, path)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "modelio._write = write_then_terminate\n"
+        "sys.exit(cli.main())\n"
+    )
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    result = subprocess.run([sys.executable, script, "run", case_path("core/conv_stack"), "-o", out, "--no-verify"],
+                            capture_output=True, text=True)
+    assert result.returncode == 128 + 15, result.stderr
+    assert "interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert list(out.parent.iterdir()) == []
