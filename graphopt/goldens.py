@@ -1,24 +1,28 @@
 """Saved inputs and outputs in polygraphy's own JSON formats.
 
-Outputs are a polygraphy `RunResults` (what `polygraphy run --save-outputs` writes) and inputs a
-list of feed dicts (what `polygraphy run --save-inputs` writes), so files move freely between
-graphopt and polygraphy. By default the inputs sit beside the outputs as `NAME.inputs.json`.
+Outputs are a polygraphy `RunResults` (what `polygraphy run --save-outputs` writes), one
+iteration per input set, and inputs a list of feed dicts (what `polygraphy run --save-inputs`
+writes), so files move freely between graphopt and polygraphy. By default the inputs sit beside
+the outputs as `NAME.inputs.json`.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
-from polygraphy.json import load_json, to_json
+from polygraphy.json import to_json
 
-from graphopt.errors import ModelError
+from graphopt.errors import InputDataError
+from graphopt.inputs import quiet_polygraphy
 from graphopt.modelio import write_text_atomic
+
+Outputs = Mapping[str, np.ndarray]
 
 
 def inputs_path_for(outputs_path: str | os.PathLike) -> Path:
@@ -26,33 +30,43 @@ def inputs_path_for(outputs_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".inputs.json")
 
 
-def save_outputs(path: str | os.PathLike, outputs: Mapping[str, np.ndarray], runner: str = "onnxruntime") -> None:
-    """Written atomically, like models: a failure never leaves half a golden."""
+def save_outputs(path: str | os.PathLike, outputs: Outputs | Sequence[Outputs], runner: str = "onnxruntime") -> None:
+    """One iteration per input set; written atomically, like models: a failure never leaves half a golden."""
+    per_set = [outputs] if isinstance(outputs, Mapping) else list(outputs)
     results = RunResults()
-    results.append((runner, [IterationResult(OrderedDict(outputs), runner_name=runner)]))
+    results.append((runner, [IterationResult(OrderedDict(_saveable(o)), runner_name=runner) for o in per_set]))
     write_text_atomic(path, to_json(results))
 
 
-def save_inputs(path: str | os.PathLike, feed: Mapping[str, np.ndarray]) -> None:
-    write_text_atomic(path, to_json([OrderedDict(feed)]))
+def save_inputs(path: str | os.PathLike, feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]) -> None:
+    per_set = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    write_text_atomic(path, to_json([OrderedDict(_saveable(feed)) for feed in per_set]))
 
 
-def load_outputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The first iteration of the first runner in a RunResults file."""
+def _saveable(values: Mapping[str, object]) -> dict[str, object]:
+    """polygraphy saves arrays without pickle: string tensors go as numpy unicode arrays."""
+    return {name: value.astype(str) if isinstance(value, np.ndarray) and value.dtype == object else value
+            for name, value in values.items()}
+
+
+def load_outputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Every iteration of the first runner in a RunResults file: one Outputs per input set."""
     try:
-        results = RunResults.load(os.fspath(path))
+        with quiet_polygraphy():
+            results = RunResults.load(os.fspath(path))
         _, iterations = next(iter(results.items()))
-        return OrderedDict((name, np.asarray(value)) for name, value in iterations[0].items())
+        loaded = [OrderedDict((name, _loaded(value)) for name, value in iteration.items()) for iteration in iterations]
     except Exception as err:  # polygraphy raises its own exception types for malformed JSON
-        raise ModelError(f"{path}: not a polygraphy RunResults file ({_first_line(err)})") from None
+        raise InputDataError(f"{path}: not a polygraphy RunResults file ({_first_line(err)})") from None
+    if not loaded:
+        raise InputDataError(f"{path}: a RunResults file without iterations")
+    return loaded
 
 
-def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    try:
-        feeds = load_json(os.fspath(path), description="input data")
-        return OrderedDict((name, np.asarray(value)) for name, value in feeds[0].items())
-    except Exception as err:  # as above: polygraphy's own exception types
-        raise ModelError(f"{path}: not a polygraphy input-data file ({_first_line(err)})") from None
+def _loaded(value: object) -> object:
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return value.astype(object)  # ONNX Runtime returns string tensors as object arrays
+    return value if isinstance(value, (list, type(None))) else np.asarray(value)
 
 
 def _first_line(err: BaseException) -> str:
