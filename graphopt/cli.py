@@ -49,7 +49,7 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
-        signal.signal(signal.SIGTERM, _terminate)
+        previous_handler = signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except click.ClickException:
@@ -69,6 +69,8 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             click.echo(f"graphopt: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)  # as it was, for callers that run commands in-process
 
     return wrapper
 
@@ -312,7 +314,7 @@ def verify(reference: Path, candidate: Path | None, save_outputs_path: Path | No
     outputs = [modelio.OutputFile(path, option) for path, option in ((save_outputs_path, "--save-outputs"), (save_inputs_path, "--save-inputs")) if path]
     targets = dict(zip((out.option for out in outputs), modelio.check_outputs(outputs, inputs)))
     reference_model, candidate_model = reference_file.model, candidate_file.model
-    expected = load_outputs(load_outputs_path) if load_outputs_path else None
+    expected = load_outputs(load_outputs_path, candidate_model) if load_outputs_path else None
     verifier = Verifier(reference_model, input_shapes=shapes, seed=seed, backend=backend, input_sets=user_data.input_sets(reference_model),
                         tolerance=tolerance(reference_model))
     if expected is None:

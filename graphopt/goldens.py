@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 from polygraphy.comparator import RunResults
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.json import to_json
@@ -34,28 +35,48 @@ def save_outputs(path: str | os.PathLike, outputs: Outputs | Sequence[Outputs], 
     """One iteration per input set; written atomically, like models: a failure never leaves half a golden."""
     per_set = [outputs] if isinstance(outputs, Mapping) else list(outputs)
     results = RunResults()
-    results.append((runner, [IterationResult(OrderedDict(_saveable(o)), runner_name=runner) for o in per_set]))
+    results.append((runner, [IterationResult(OrderedDict(saveable(o)), runner_name=runner) for o in per_set]))
     write_text_atomic(path, to_json(results))
 
 
 def save_inputs(path: str | os.PathLike, feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]) -> None:
     per_set = [feeds] if isinstance(feeds, Mapping) else list(feeds)
-    write_text_atomic(path, to_json([OrderedDict(_saveable(feed)) for feed in per_set]))
+    write_text_atomic(path, to_json([OrderedDict(saveable(feed)) for feed in per_set]))
 
 
-def _saveable(values: Mapping[str, object]) -> dict[str, object]:
-    """polygraphy saves arrays without pickle: string tensors go as numpy unicode arrays."""
-    return {name: value.astype(str) if isinstance(value, np.ndarray) and value.dtype == object else value
-            for name, value in values.items()}
+def saveable(values: Mapping[str, object]) -> dict[str, object]:
+    """Values as polygraphy's JSON holds them: it saves arrays with np.save, without pickle.
+
+    String tensors go as numpy unicode arrays, and types numpy lacks (bfloat16, float8, 4-bit) as
+    raw bytes of their width, which loading reads back as the type the model declares (numpy would
+    record float8_e5m2 as a one-byte float it cannot load).
+    """
+    return {name: _saveable_value(value) for name, value in values.items()}
 
 
-def load_outputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Every iteration of the first runner in a RunResults file: one Outputs per input set."""
+def _saveable_value(value: object) -> object:
+    if isinstance(value, list):
+        return [_saveable_value(item) for item in value]
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.dtype == object:
+        return value.astype(str)
+    if value.dtype.type.__module__ != "numpy":
+        return value.view(f"V{value.dtype.itemsize}")
+    return value
+
+
+def load_outputs(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> list[dict[str, np.ndarray]]:
+    """Every iteration of the first runner in a RunResults file: one Outputs per input set.
+
+    Raw bytes saved for types numpy lacks are read as the type `model` declares for that output.
+    """
+    declared = {o.name: o.type.tensor_type.elem_type for o in model.graph.output if o.type.HasField("tensor_type")} if model else {}
     try:
         with quiet_polygraphy():
             results = RunResults.load(os.fspath(path))
         _, iterations = next(iter(results.items()))
-        loaded = [OrderedDict((name, _loaded(value)) for name, value in iteration.items()) for iteration in iterations]
+        loaded = [OrderedDict((name, _loaded(value, declared.get(name))) for name, value in iteration.items()) for iteration in iterations]
     except Exception as err:  # polygraphy raises its own exception types for malformed JSON
         raise InputDataError(f"{path}: not a polygraphy RunResults file ({_first_line(err)})") from None
     if not loaded:
@@ -63,10 +84,17 @@ def load_outputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
     return loaded
 
 
-def _loaded(value: object) -> object:
-    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+def _loaded(value: object, elem_type: int | None) -> object:
+    if isinstance(value, (list, type(None))):
+        return value
+    value = np.asarray(value)
+    if value.dtype.kind == "U":
         return value.astype(object)  # ONNX Runtime returns string tensors as object arrays
-    return value if isinstance(value, (list, type(None))) else np.asarray(value)
+    if value.dtype.kind == "V" and elem_type:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        if dtype.itemsize == value.dtype.itemsize:
+            return value.view(dtype)
+    return value
 
 
 def _first_line(err: BaseException) -> str:

@@ -296,8 +296,15 @@ def _describe_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
 
 
 def has_discrete_output(model: onnx.ModelProto) -> bool:
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    return any(o.type.HasField("tensor_type") and o.type.tensor_type.elem_type not in floats for o in model.graph.output)
+    """An output of integers, booleans or strings (an ArgMax, TopK's indices, a mask); unknown types count too."""
+    return any(not _is_float_type(o.type.tensor_type.elem_type) for o in model.graph.output if o.type.HasField("tensor_type"))
+
+
+def _is_float_type(elem_type: int) -> bool:
+    try:
+        return is_float_dtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):  # UNDEFINED, or a type numpy cannot name
+        return False
 
 
 _UNSAMPLEABLE = {onnx.TensorProto.UNDEFINED}
@@ -495,7 +502,7 @@ def load_input_sets(path: str | os.PathLike, inputs: Sequence[GraphInput]) -> li
     if not isinstance(feeds, list) or not feeds:
         raise InputDataError(f"{path}: not a polygraphy input-data file (expected a list of feeds: "
                              "{input name: array}, as polygraphy run --save-inputs writes)")
-    return [InputSet(f"{Path(path).name} #{i}", check_feed(feed, inputs, f"{path} #{i}")) for i, feed in enumerate(feeds)]
+    return [_users_set(f"{Path(path).name} #{i}", check_feed(feed, inputs, f"{path} #{i}")) for i, feed in enumerate(feeds)]
 
 
 def script_input_sets(spec: str, inputs: Sequence[GraphInput]) -> list[InputSet]:
@@ -514,7 +521,11 @@ def script_input_sets(spec: str, inputs: Sequence[GraphInput]) -> list[InputSet]
         raise InputDataError(f"--data-loader-script {spec}: {type(err).__name__}: {_one_line(err)}") from None
     if not feeds:
         raise InputDataError(f"--data-loader-script {spec}: {function}() yielded no feeds")
-    return [InputSet(f"{Path(script).name}:{function} #{i}", check_feed(feed, inputs, f"{spec} #{i}")) for i, feed in enumerate(feeds)]
+    return [_users_set(f"{Path(script).name}:{function} #{i}", check_feed(feed, inputs, f"{spec} #{i}")) for i, feed in enumerate(feeds)]
+
+
+def _users_set(label: str, feed: Feed) -> InputSet:
+    return InputSet(label, feed, shapes={name: list(value.shape) for name, value in feed.items() if isinstance(value, np.ndarray)})
 
 
 def check_feed(feed: object, inputs: Sequence[GraphInput], where: str) -> Feed:

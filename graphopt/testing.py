@@ -67,7 +67,7 @@ def record_golden(model: ModelLike, path: str | os.PathLike, **options) -> Refer
 def assert_matches_golden(model: ModelLike, path: str | os.PathLike, *, tolerance: Tolerance | None = None, backend: str = "auto") -> Verdict:
     """Feed a golden's saved inputs to `model` and compare with its saved outputs."""
     model = _load(model)
-    expected = load_outputs(path)
+    expected = load_outputs(path, model)
     input_sets = load_input_sets(inputs_path_for(path), graph_inputs(model))
     if len(input_sets) != len(expected):
         raise AssertionError(f"golden {os.fspath(path)} has {len(expected)} iterations for {len(input_sets)} input sets")

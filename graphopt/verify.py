@@ -106,6 +106,7 @@ class OutputVerdict:
     scale: float = 0.0  # max|reference|
     reason: str | None = None  # why it failed, when the failure is not a numeric one
     input_set: str | None = None  # the input set this verdict (the worst over all sets) comes from
+    exact: bool = False  # judged by equality (integers, booleans, strings), not by a tolerance
 
     def __bool__(self) -> bool:
         return self.passed
@@ -114,6 +115,8 @@ class OutputVerdict:
         where = f" on input set ({self.input_set})" if self.input_set and not self.passed else ""
         if self.reason:
             return f"{self.name}: {self.reason}{where}"
+        if self.exact:
+            return f"{self.name}: equal{where}"
         return (f"{self.name}: max abs error {self.max_abs_err:.3g}, relative error {self.max_rel_err:.3g} "
                 f"(output scale {self.scale:.3g}){where}")
 
@@ -205,7 +208,7 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance)
         mismatches = int(np.count_nonzero(ref != cand))
         if mismatches:
             return OutputVerdict(name, False, reason=f"{mismatches} of {ref.size} values differ (exact match required for {ref.dtype})")
-        return OutputVerdict(name, True)
+        return OutputVerdict(name, True, exact=True)
     if np.issubdtype(ref.dtype, np.complexfloating):  # judged as pairs of reals
         ref, cand = np.stack([ref.real, ref.imag]), np.stack([cand.real, cand.imag])
     ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)

@@ -264,3 +264,14 @@ def test_saved_inputs_and_outputs_hold_every_input_set_and_check_a_later_model(t
     assert graphopt_cli("verify", model, model, "--load-inputs", inputs, "--save-outputs", golden).returncode == 0
     result = graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs)
     assert result.returncode == 0 and "over 2 input sets" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.STRING])
+def test_saved_inputs_and_outputs_of_types_numpy_lacks_load_back_as_the_models_types(tmp_path, elem_type):
+    from tests.test_verify import identity_of
+
+    model, inputs, golden = tmp_path / "model.onnx", tmp_path / "inputs.json", tmp_path / "golden.json"
+    onnx.save(identity_of(elem_type), model)
+    assert graphopt_cli("verify", model, model, "--save-inputs", inputs, "--save-outputs", golden).returncode == 0
+    result = graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs)
+    assert result.returncode == 0 and "equivalent on onnxruntime" in result.stdout, result.stdout + result.stderr
