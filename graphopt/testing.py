@@ -42,7 +42,7 @@ def check_equivalent(
     """Run both models on the same seeded input sets: ORT on `reference`, the backend on `candidate`."""
     reference, candidate = _load(reference), _load(candidate)
     verifier = Verifier(reference, input_shapes=input_shapes, seed=seed, tolerance=tolerance, backend=backend)
-    verdict, _ = verifier.check(verifier.reference(reference), candidate)
+    verdict, _ = verifier.check(verifier.reference_of_input(reference), candidate)
     return verdict
 
 
