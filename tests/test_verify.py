@@ -312,3 +312,45 @@ def test_the_users_sets_replace_the_seeded_ones():
     mine = InputSet("mine", {"x": np.full((3, 3, 16, 16), 7.0, np.float32)})
     verifier = Verifier(model, input_sets=[mine])
     assert verifier.input_sets == [mine] and verifier.reference(model)[0]["y"].shape[0] == 3
+
+
+# -- errors within an input set's fp32 sensitivity ---------------------------------------------------
+
+
+def fast_sine(kind: str):
+    """y = Sin(x * 10000): one rounding step of x moves y by about 1e-3, and so does computing x * 10000 as (x * 100) * 100."""
+    if kind == "reference":
+        return make_model([node("Mul", ["x", "k"], ["p"]), node("Sin", ["p"], ["y"])], {"x": ["batch", 64]}, ["y"],
+                          {"k": np.array([10000.0], np.float32)})
+    if kind == "exact":
+        nodes = [node("Mul", ["x", "h"], ["q"]), node("Mul", ["q", "h"], ["p"]), node("Sin", ["p"], ["y"])]
+        return make_model(nodes, {"x": ["batch", 64]}, ["y"], {"h": np.array([100.0], np.float32)})
+    return make_model([node("Mul", ["x", "k"], ["p"]), node("Sin", ["p"], ["y"])], {"x": ["batch", 64]}, ["y"],
+                      {"k": np.array([10001.0], np.float32)})
+
+
+def test_an_exact_rewrite_within_the_inputs_fp32_sensitivity_passes_and_says_so():
+    verdict = check_equivalent(fast_sine("reference"), fast_sine("exact"))
+    assert verdict.passed and verdict.max_rel_err > FP32_TOLERANCE.rtol
+    assert "within 10x this input set's fp32 sensitivity" in verdict.worst.describe()
+
+
+def test_a_wrong_rewrite_beyond_the_inputs_fp32_sensitivity_still_fails():
+    # lenient on [0, 255], where x * 10000 is rounded by 0.25; strict on the small inputs
+    verdict = check_equivalent(fast_sine("reference"), fast_sine("wrong"))
+    assert not verdict and "uniform[0, 255]" not in verdict.worst.input_set
+
+
+def test_a_candidates_own_sensitivity_never_excuses_its_error():
+    well_conditioned = make_model([node("Relu", ["x"], ["y"])], {"x": ["batch", 64]}, ["y"])
+    cancelling = make_model([node("Relu", ["x"], ["r"]), node("Add", ["r", "big"], ["s"]), node("Sub", ["s", "big"], ["y"])],
+                            {"x": ["batch", 64]}, ["y"], {"big": np.array([1e4], np.float32)})
+    assert not check_equivalent(well_conditioned, cancelling)
+
+
+@pytest.mark.zoo
+def test_all_on_efficientnet_rolls_nothing_back_where_image_range_inputs_amplify_rounding():
+    # Random weights fed [0, 255] grow EfficientNet's logits to 1e4-1e5: pad-channels' exact rewrite then differs by
+    # 1.7e-5 of them, as much as one rounding step of the input moves them.
+    _, report = optimize(load_zoo_model("efficientnet_b0"), "all")
+    assert report.equivalent and not report.rolled_back, [(p.name, p.rolled_back) for p in report.rolled_back]
