@@ -252,3 +252,13 @@ def test_too_many_ort_threads_are_capped_instead_of_hanging(tmp_path):
     result = subprocess.run([GRAPHOPT, "run", str(GOOD), "-o", str(tmp_path / "out.onnx"), "-q"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.STRING])
+def test_inputs_the_sampler_used_to_crash_on_are_drawn_and_verified(tmp_path, elem_type):
+    from tests.test_verify import identity_of
+
+    model = tmp_path / "model.onnx"
+    onnx.save(identity_of(elem_type), model)
+    result = subprocess.run([GRAPHOPT, "verify", str(model), str(model)], capture_output=True, text=True)
+    assert result.returncode == 0 and "equivalent on onnxruntime" in result.stdout, result.stdout + result.stderr
