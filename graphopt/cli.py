@@ -7,20 +7,25 @@ report it with the output of --debug). Errors print one line; --debug adds the t
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
+import onnx
+from polygraphy.logger import G_LOGGER
 
 import graphopt
 from graphopt import modelio
-from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError
+from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError, InputDataError, ModelError, OptionError
+from graphopt.goldens import load_outputs, save_inputs, save_outputs
+from graphopt.inputs import InputSet, graph_inputs, load_input_sets, script_input_sets
 from graphopt.lint import diff_findings, lint_command_impl, lint_model
-from graphopt.goldens import load_inputs, load_outputs, save_inputs, save_outputs
 from graphopt.pipeline import Pipeline
 from graphopt.registry import available_passes, default_order
 from graphopt.report import INPUT, PassRecord, Report
@@ -30,12 +35,21 @@ from graphopt.verify import ORT, TRT, Tolerance, Verifier, default_tolerance, pa
 EXIT_INTERNAL = 3
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that temporary files are cleaned up the same way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn every failure into one line on stderr and a documented exit code."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
+        previous_handler = signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except click.ClickException:
@@ -45,15 +59,18 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             click.echo(f"graphopt: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("graphopt: interrupted; nothing was written", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as err:
+            # Outputs are renamed into place whole, so an interrupt leaves no partial or temporary file.
+            click.echo("graphopt: interrupted; no file was left half-written", err=True)
+            sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))
         except Exception as err:  # a bug: still one line unless --debug, never a half-written file
             if debug:
                 traceback.print_exc()
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             click.echo(f"graphopt: internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)  # as it was, for callers that run commands in-process
 
     return wrapper
 
@@ -63,16 +80,25 @@ def _handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
 def main(debug: bool) -> None:
     """Rewrite ONNX graphs into what TensorRT runs best, and prove every rewrite with polygraphy."""
+    # graphopt reports in one line; polygraphy's own messages (even critical ones) would come first.
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL + 1
 
 
 def _verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-                     help="Shape for an input with dynamic dims, e.g. images:1x3x224x224 (repeatable). Unset dynamic dims are 1."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS|DIM=SIZE",
+                     help="An input's shape (images:1x3x224x224) or named dims (batch=4,sequence=64), repeatable. "
+                          "Dims left open are verified at 1 and at a larger size."),
         click.option("--atol", type=float, default=None, help="Absolute tolerance [default: 1e-8 fp32, 1e-5 fp16]."),
         click.option("--rtol", type=float, default=None,
                      help="Tolerance relative to each output's largest magnitude [default: 1e-5 fp32, 1e-2 fp16]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random verification inputs."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the first random input set (each further set takes the next seed)."),
+        click.option("--load-inputs", "load_inputs_path", type=click.Path(path_type=Path),
+                     help="Verify on these inputs instead of random ones: polygraphy's input JSON (polygraphy run --save-inputs), "
+                          "one input set per feed."),
+        click.option("--data-loader-script", metavar="FILE.py[:FUNC]",
+                     help="Verify on the feeds FUNC (default load_data) of FILE.py yields, polygraphy's convention."),
         click.option("--backend", type=click.Choice(["auto", ORT, TRT]), default="auto", show_default=True,
                      help="Who runs the candidate graph; auto picks TensorRT when it imports, else ONNX Runtime."),
     ]
@@ -81,9 +107,50 @@ def _verification_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
-    default = default_tolerance(model)
-    return Tolerance(atol=default.atol if atol is None else atol, rtol=default.rtol if rtol is None else rtol)
+@dataclass(frozen=True)
+class UserData:
+    """The user's own verification inputs: a --load-inputs file or a --data-loader-script."""
+
+    load_inputs: Path | None
+    data_loader_script: str | None
+
+    @classmethod
+    def from_options(cls, load_inputs: Path | None, data_loader_script: str | None, input_shapes: tuple[str, ...]) -> UserData:
+        if load_inputs is not None and data_loader_script is not None:
+            raise OptionError("give --load-inputs or --data-loader-script, not both")
+        if (load_inputs is not None or data_loader_script is not None) and input_shapes:
+            raise OptionError("--input-shape shapes random inputs; with --load-inputs or --data-loader-script the data has its own shapes")
+        return cls(load_inputs, data_loader_script)
+
+    @property
+    def given(self) -> bool:
+        return self.load_inputs is not None or self.data_loader_script is not None
+
+    def files(self) -> list[modelio.InputFile]:
+        if self.load_inputs is not None:
+            return [modelio.InputFile(self.load_inputs, "--load-inputs")]
+        if self.data_loader_script is not None:
+            script, _, _ = self.data_loader_script.partition(":")
+            return [modelio.InputFile(Path(script), "--data-loader-script")]
+        return []
+
+    def input_sets(self, model: onnx.ModelProto) -> list[InputSet] | None:
+        if self.load_inputs is not None:
+            return load_input_sets(self.load_inputs, graph_inputs(model))
+        if self.data_loader_script is not None:
+            return script_input_sets(self.data_loader_script, graph_inputs(model))
+        return None
+
+
+def _tolerance_from_options(atol: float | None, rtol: float | None) -> Callable[[onnx.ModelProto], Tolerance]:
+    """The tolerance for a model (its precision's default where not given); bad values are refused now."""
+    Tolerance(atol=0.0 if atol is None else atol, rtol=0.0 if rtol is None else rtol)
+
+    def for_model(model: onnx.ModelProto) -> Tolerance:
+        default = default_tolerance(model)
+        return Tolerance(atol=default.atol if atol is None else atol, rtol=default.rtol if rtol is None else rtol)
+
+    return for_model
 
 
 @main.command()
@@ -106,7 +173,8 @@ def _tolerance(model, atol: float | None, rtol: float | None) -> Tolerance:
 @_handle_errors
 def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], settings: tuple[str, ...], report_path: Path | None, no_verify: bool,
         strict: bool, fixed_point: bool, in_place: bool, force: bool, quiet: bool, show_lint: bool, input_shapes: tuple[str, ...],
-        atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
+        atol: float | None, rtol: float | None, seed: int, backend: str, load_inputs_path: Path | None,
+        data_loader_script: str | None) -> None:
     """Optimize MODEL and write the result to OUTPUT."""
     if output is None and not in_place:
         raise click.UsageError("give -o/--output, or --in-place to overwrite the input")
@@ -114,40 +182,42 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], se
         raise click.UsageError("-o/--output and --in-place exclude each other")
     pipeline_passes = parse_spec(passes, skip, settings)  # a bad spec is reported before any slow work
     shapes = parse_input_shapes(input_shapes)
-    source = modelio.load_model(model)
-    target = modelio.check_output_path(output or model, model, overwrite_input=in_place or force)
+    user_data = UserData.from_options(load_inputs_path, data_loader_script, input_shapes)
+    if no_verify and user_data.given:
+        raise OptionError("--load-inputs and --data-loader-script are inputs for verification; drop --no-verify")
+    tolerance = _tolerance_from_options(atol, rtol)  # a bad tolerance is refused before any slow work too
+    source_file = modelio.read_model(model)
+    source = source_file.model
+    outputs = [modelio.OutputFile(output or model, "-o" if output else "--in-place", is_model=True,
+                                  may_replace=model if in_place or force else None)]
+    if report_path:
+        outputs.append(modelio.OutputFile(report_path, "--report"))
+    target, *report_target = modelio.check_outputs(outputs, source_file.inputs() + user_data.files())
+    write_report = (lambda report: modelio.write_text_atomic(report_target[0], report.to_json())) if report_target else (lambda report: None)
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     pipeline = Pipeline(pipeline_passes, verify=not no_verify, strict=strict, fixed_point=fixed_point,
-                        tolerance=_tolerance(source, atol, rtol) if not no_verify else None,
-                        input_shapes=shapes, seed=seed, backend=backend, progress=echo)
+                        tolerance=tolerance(source) if not no_verify else None, input_shapes=shapes, seed=seed,
+                        input_sets=user_data.input_sets(source), backend=backend, progress=echo)
     try:
         optimized, report = pipeline.run(source)
     except EquivalenceError as err:
-        if report_path and isinstance(err.report, Report):
-            _write_text(report_path, err.report.to_json())
-        if not quiet and isinstance(err.report, Report):
-            click.echo(format_summary(err.report))
+        if isinstance(err.report, Report):
+            write_report(err.report)
+            if not quiet:
+                click.echo(format_summary(err.report))
         raise EquivalenceError(f"{err}; nothing was written") from None
     if report.final is not None and not report.final.passed:
         # Each pass verified on its own but together they drifted: never write an unproven model.
-        if report_path:
-            _write_text(report_path, report.to_json())
+        write_report(report)
         raise EquivalenceError(f"the optimized model differs from the input: {report.final.detail}; nothing was written")
     modelio.save_model(optimized, target)
-    if report_path:
-        _write_text(report_path, report.to_json())
+    write_report(report)
     if not quiet:
         click.echo(format_summary(report))
-        click.echo(f"wrote {target}", err=True)
+        click.echo(f"wrote {output or model}", err=True)
     if show_lint and not quiet:  # the run itself shows what the passes fix: no forecast needed
         before = lint_model(source, name=model.name, fixes=False)
         click.echo(diff_findings(before, lint_model(optimized, before.precision, fixes=False)))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Reports are written atomically too, with the same checks as the model output."""
-    target = modelio.check_output_path(path, None, overwrite_input=False)
-    modelio.write_text_atomic(target, text)
 
 
 def format_summary(report: Report) -> str:
@@ -234,43 +304,62 @@ def list_passes() -> None:
               help="Save the inputs used (polygraphy input-data JSON).")
 @click.option("--load-outputs", "load_outputs_path", type=click.Path(path_type=Path),
               help="Compare against saved outputs (e.g. from polygraphy run --save-outputs) instead of a reference model.")
-@click.option("--load-inputs", "load_inputs_path", type=click.Path(path_type=Path),
-              help="Use saved inputs (e.g. from polygraphy run --save-inputs) instead of seeded random ones.")
 @_verification_options
 @_handle_errors
 def verify(reference: Path, candidate: Path | None, save_outputs_path: Path | None, save_inputs_path: Path | None,
-           load_outputs_path: Path | None, load_inputs_path: Path | None, input_shapes: tuple[str, ...],
-           atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
+           load_outputs_path: Path | None, load_inputs_path: Path | None, data_loader_script: str | None,
+           input_shapes: tuple[str, ...], atol: float | None, rtol: float | None, seed: int, backend: str) -> None:
     """Check that CANDIDATE computes what REFERENCE computes (exit 0) or not (exit 1).
 
     With --load-outputs, give one model: it is checked against the saved outputs.
     """
     shapes = parse_input_shapes(input_shapes)
-    if load_outputs_path is not None:
-        if candidate is not None:
-            raise click.UsageError("with --load-outputs give one model: the one to check against the saved outputs")
-        candidate_model = modelio.load_model(reference)
-        expected = load_outputs(load_outputs_path)
-        reference_model = candidate_model
-    else:
-        if candidate is None:
-            raise click.UsageError("give two models (REFERENCE CANDIDATE), or one model with --load-outputs")
-        reference_model, candidate_model = modelio.load_model(reference), modelio.load_model(candidate)
-        expected = None
-    feed = load_inputs(load_inputs_path) if load_inputs_path else None
-    verifier = Verifier(reference_model, input_shapes=shapes, seed=seed, backend=backend, feed=feed,
-                        tolerance=_tolerance(reference_model, atol, rtol))
+    user_data = UserData.from_options(load_inputs_path, data_loader_script, input_shapes)
+    tolerance = _tolerance_from_options(atol, rtol)
+    if load_outputs_path is not None and candidate is not None:
+        raise click.UsageError("with --load-outputs give one model: the one to check against the saved outputs")
+    if load_outputs_path is None and candidate is None:
+        raise click.UsageError("give two models (REFERENCE CANDIDATE), or one model with --load-outputs")
+    reference_file = modelio.read_model(reference)
+    candidate_file = modelio.read_model(candidate) if candidate is not None else reference_file
+    inputs = reference_file.inputs("the reference model") + candidate_file.inputs("the candidate model") + user_data.files()
+    inputs += [modelio.InputFile(load_outputs_path, "--load-outputs")] if load_outputs_path else []
+    outputs = [modelio.OutputFile(path, option) for path, option in ((save_outputs_path, "--save-outputs"), (save_inputs_path, "--save-inputs")) if path]
+    targets = dict(zip((out.option for out in outputs), modelio.check_outputs(outputs, inputs)))
+    reference_model, candidate_model = reference_file.model, candidate_file.model
+    expected = load_outputs(load_outputs_path, candidate_model) if load_outputs_path else None
+    verifier = Verifier(reference_model, input_shapes=shapes, seed=seed, backend=backend, input_sets=user_data.input_sets(reference_model),
+                        tolerance=tolerance(reference_model))
     if expected is None:
-        expected = verifier.reference(reference_model)
-    if save_outputs_path:
-        save_outputs(save_outputs_path, expected)
-    if save_inputs_path:
-        save_inputs(save_inputs_path, verifier.feed)
-    verdict, _ = verifier.check(expected, candidate_model)
+        try:
+            expected = verifier.reference_of_input(reference_model)
+        except Exception as err:  # ORT raises its own types for a graph or a feed it cannot run
+            raise ModelError(f"cannot verify: ONNX Runtime cannot run {reference} ({type(err).__name__}: {_one_line(err)}); "
+                             "give inputs it runs on with --load-inputs") from None
+    elif len(expected) != len(verifier.input_sets):
+        raise InputDataError(f"--load-outputs {load_outputs_path} has {len(expected)} iterations for {len(verifier.input_sets)} input sets; "
+                             "give the inputs they were computed from with --load-inputs")
+    if "--save-outputs" in targets:
+        save_outputs(targets["--save-outputs"], expected)
+    if "--save-inputs" in targets:
+        save_inputs(targets["--save-inputs"], verifier.feeds)
+    for warning in verifier.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    tol = verifier.tolerance
+    try:
+        verdict, _ = verifier.check(tuple(expected), candidate_model)
+    except Exception as err:  # the reference ran on these inputs and the candidate does not: a difference
+        click.echo(f"NOT equivalent: {verifier.backend} cannot run {candidate or reference}: {type(err).__name__}: {_one_line(err)}")
+        sys.exit(EXIT_NOT_EQUIVALENT)
     for output in verdict.outputs:
         click.echo(f"{'PASS' if output.passed else 'FAIL'}  {output.describe()}")
-    tol = verdict.tolerance
+    sets = f"{len(verifier.input_sets)} input set{'s' if len(verifier.input_sets) > 1 else ''}"
     if not verdict.passed:
-        click.echo(f"NOT equivalent on {verdict.backend} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")
+        click.echo(f"NOT equivalent on {verdict.backend} over {sets} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")
         sys.exit(EXIT_NOT_EQUIVALENT)
-    click.echo(f"equivalent on {verdict.backend} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")
+    click.echo(f"equivalent on {verdict.backend} over {sets} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -26,7 +26,16 @@ class OutputPathError(GraphoptError):
 
 
 class InputShapeError(GraphoptError):
-    """An --input-shape is malformed or names no graph input."""
+    """An --input-shape is malformed, names no graph input or dimension, or contradicts the model."""
+
+
+class InputDataError(GraphoptError):
+    """Verification inputs cannot be drawn or read: a type graphopt cannot sample, a bad seed, a
+    feed too large to hold, or a --load-inputs file or data-loader script that does not fit the model."""
+
+
+class OptionError(GraphoptError):
+    """An option's value is out of range: a tolerance that is not a finite number >= 0, a bad thread count."""
 
 
 class EquivalenceError(GraphoptError):

@@ -7,9 +7,11 @@ with external data for them, and saving writes external data beside the output.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import stat
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ import onnx
 import onnx.checker
 import onnx.defs
 import onnx.shape_inference
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
+from onnx.external_data_helper import ExternalDataInfo
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelError, OutputPathError
@@ -67,8 +70,27 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return count * _BYTES_PER_ELEMENT[tensor.data_type]
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """A model as read from disk, and every file it was read from: the model and its external data."""
+
+    path: Path
+    model: onnx.ModelProto
+    external_data: tuple[Path, ...] = ()
+
+    def inputs(self, role: str = "the input model") -> list[InputFile]:
+        """The files this model came from, as inputs that no output may overwrite."""
+        return [InputFile(self.path, role, of_model=self.path),
+                *(InputFile(data, f"external data of {self.path}", of_model=self.path) for data in self.external_data)]
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and validate a model, or raise a ModelError that says what is wrong with it.
+    """Load and validate a model, or raise a ModelError that says what is wrong with it."""
+    return read_model(path).model
+
+
+def read_model(path: str | os.PathLike) -> ModelFile:
+    """Load and validate a model, and note the external-data files its weights were read from.
 
     This is the one check that reads the weights: onnx.checker reads the file itself, so the
     model is not serialized again for it. Later checks (`check_model`, `check_and_infer`) read
@@ -89,6 +111,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"{path}: cannot read ({err.strerror or err})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise ModelError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
+    external_data = _external_data_files(model, path.parent)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as err:
@@ -98,7 +121,18 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
         raise ModelError(f"{path}: fails onnx.checker: {_first_line(err)}") from None
-    return model
+    return ModelFile(path, model, external_data)
+
+
+def _external_data_files(model: onnx.ModelProto, folder: Path) -> tuple[Path, ...]:
+    """Files named by the model's external-data tensors (initializers and attributes, subgraphs too)."""
+    locations = {
+        ExternalDataInfo(tensor).location
+        # onnx's own walker over initializers and attribute tensors, the one its loader uses
+        for tensor in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(tensor)
+    }
+    return tuple(folder / location for location in sorted(locations))
 
 
 def check_supported_opset(model: onnx.ModelProto, where: str | os.PathLike = "model") -> None:
@@ -229,53 +263,138 @@ def _write(model: onnx.ModelProto, path: str) -> None:
             os.fsync(f.fileno())
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None, overwrite_input: bool) -> Path:
-    """Refuse an output path that cannot or must not be written, before any work is done."""
-    output = Path(output)
-    parent = output.parent if str(output.parent) else Path(".")
+# -- writing: every output checked against every input and each other before anything is written --
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A file graphopt reads, which no output may overwrite (unless it is the model and that was asked)."""
+
+    path: Path
+    role: str  # what it is, for messages: "the input model", "external data of model.onnx", "--load-inputs"
+    of_model: Path | None = None  # the model this file is (or holds weights of)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file graphopt is asked to write, named by a command-line option."""
+
+    path: Path
+    option: str  # "-o", "--report", ...: messages name the option, so the user knows which to change
+    may_replace: Path | None = None  # the one input it may replace (--in-place, --force)
+    is_model: bool = False  # a model over 2 GB is saved with its weights in <name>.data beside it
+
+
+def check_outputs(outputs: list[OutputFile], inputs: list[InputFile]) -> list[Path]:
+    """Refuse, before anything is written, an output that would destroy a file or cannot be written.
+
+    Every output is checked against every input file (models, their external data, loaded
+    inputs and outputs, scripts) and against every other output, by identity: the same inode
+    (hard links, symbolic links) or, for files still to be created, the same real path. An output
+    must be new or a regular file (never a device, FIFO or socket), and writable. An output that
+    is a symbolic link stands for its target: the target is replaced atomically and the link
+    kept, as `cp` would write through it. Returns the path each output is written to.
+    """
+    targets = [_output_target(out) for out in outputs]
+    written: dict[tuple, str] = {}
+    for out, target in zip(outputs, targets):
+        # --in-place/--force: -o names the model it may replace, so that model and its weights are replaced as asked
+        replaced = out.may_replace if out.may_replace is not None and _file_identity(out.may_replace) == _file_identity(target) else None
+        named = [(target, f"{out.option} {out.path}")]
+        if out.is_model:
+            named.append((target.with_name(target.name + ".data"), f"the external data {target.name}.data that {out.option} {out.path} "
+                                                                  "is saved with if it is over 2 GB"))
+        for path, what in named:
+            identity = _file_identity(path)
+            for source in inputs:
+                if _file_identity(source.path) != identity:
+                    continue
+                if replaced is not None and source.of_model is not None and _file_identity(source.of_model) == _file_identity(replaced):
+                    continue
+                if out.is_model and path is target and source.role == "the input model":
+                    raise OutputPathError(f"{out.path}: is the input model; pass --in-place to overwrite it")
+                raise OutputPathError(f"{what}: is {source.role}; writing there would destroy it, choose another path")
+            if identity in written:
+                raise OutputPathError(f"{what} and {written[identity]} name the same file; give each its own path")
+            written[identity] = what
+    return targets
+
+
+def _output_target(out: OutputFile) -> Path:
+    """Where `out` is written (a symbolic link's target), once it is known to be writable there."""
+    path = out.path
+    target = path
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            raise OutputPathError(f"{path}: is a symbolic link to {target}, which does not exist; remove the link or give another path")
+    parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputPathError(f"{output}: output directory {parent} does not exist")
-    if output.is_dir():
-        raise OutputPathError(f"{output}: is a directory; give a file name for the output model")
+        raise OutputPathError(f"{path}: output directory {parent} does not exist")
+    if target.is_dir():
+        raise OutputPathError(f"{path}: is a directory; give a file name for {out.option}")
+    if target.exists():
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise OutputPathError(f"{path}: is not a regular file (a device, FIFO or socket); {out.option} writes only regular files")
+        if not os.access(target, os.W_OK):
+            raise OutputPathError(f"{path}: is read-only; make it writable or give another path for {out.option}")
     try:  # a real probe: os.access says yes to root even on read-only file systems
-        with tempfile.TemporaryFile(dir=parent, prefix=f".{output.name}."):
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{target.name}."):
             pass
     except OSError as err:
-        raise OutputPathError(f"{output}: output directory {parent} is not writable ({err.strerror or err})") from None
-    if input_path is not None and output.exists() and os.path.samefile(output, input_path) and not overwrite_input:
-        raise OutputPathError(f"{output}: is the input model; pass --in-place to overwrite it")
-    return output
+        raise OutputPathError(f"{path}: output directory {parent} is not writable ({err.strerror or err})") from None
+    return target
+
+
+def _file_identity(path: Path) -> tuple:
+    """The same value for two paths to one file: its inode when it exists, else its real path."""
+    try:
+        info = path.stat()
+    except OSError:
+        return ("path", os.path.normcase(os.path.realpath(path)))
+    return ("inode", info.st_dev, info.st_ino)
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
     """Write atomically: everything goes to a temporary folder beside the output, then is renamed.
 
-    A crash or a full disk leaves the previous file (or none) in place, never a half-written one.
+    A crash, a full disk or a signal leaves the previous file (or none) in place, never a
+    half-written one, and no temporary folder.
     """
-    output = Path(output)
+    _write_atomically(Path(output), lambda staged: _write(model, staged))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """A text file (report, JSON) written as models are: atomically, with the same permissions."""
+
+    def write(staged: str) -> None:
+        with open(staged, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _write_atomically(Path(path), write)
+
+
+def _write_atomically(output: Path, write: Callable[[str], None]) -> None:
+    """`write(staged_path)` into a temporary folder beside `output`, then rename what it wrote.
+
+    Files are created by `open`, so they get the permissions the umask gives a new file; a file
+    that is replaced keeps its own permission bits.
+    """
     parent = output.parent if str(output.parent) else Path(".")
     try:
+        mode = stat.S_IMODE(output.stat().st_mode) if output.is_file() else None
         with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=parent) as tmp:
             staged = os.path.join(tmp, output.name)
-            _write(model, staged)
+            write(staged)
+            if mode is not None:
+                os.chmod(staged, mode)
             # External data (large models) is renamed first, so the model never points at nothing.
             for name in sorted(os.listdir(tmp), key=lambda n: n == output.name):
                 os.replace(os.path.join(tmp, name), parent / name)
     except OSError as err:
         raise OutputPathError(f"{output}: cannot write ({err.strerror or err})") from None
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        with tempfile.NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as f:
-            f.write(text)
-        os.replace(f.name, path)
-    except OSError as err:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(f.name)
-        raise OutputPathError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def _first_line(err: BaseException) -> str:

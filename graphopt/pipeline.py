@@ -28,7 +28,8 @@ from graphopt.passbase import GraphPass, PassResult
 from graphopt.registry import get_pass
 from graphopt.report import CHANGED, INPUT, PARTIAL, ROLLED_BACK, UNCHANGED, FinalCheck, PassRecord, Report, RolledBackSite
 from graphopt.spec import format_pass, format_spec, parse_spec
-from graphopt.verify import Outputs, Tolerance, Verdict, Verifier, compare_outputs
+from graphopt.inputs import InputSet, InputShapes
+from graphopt.verify import References, Tolerance, Verdict, Verifier
 
 Progress = Callable[[str], None]
 # Called after every step (a pass, or the canonicalization after one) with its record and the
@@ -47,7 +48,7 @@ class _Attempt:
     model: onnx.ModelProto | None = None
     result: PassResult | None = None
     verdict: Verdict | None = None
-    outputs: Outputs | None = None
+    outputs: References | None = None
     error: str | None = None
 
     def failure(self, site: str) -> RolledBackSite:
@@ -69,8 +70,9 @@ class Pipeline:
         fixed_point: bool = False,
         max_iterations: int = 8,
         tolerance: Tolerance | None = None,
-        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        input_shapes: InputShapes | None = None,
         seed: int = 0,
+        input_sets: Sequence[InputSet] | None = None,
         backend: str = "auto",
         progress: Progress | None = None,
         canonicalize: bool = True,
@@ -86,6 +88,7 @@ class Pipeline:
         self.tolerance = tolerance
         self.input_shapes = dict(input_shapes or {})
         self.seed = seed
+        self.input_sets = input_sets  # the user's own data, instead of the seeded sets
         self.backend = backend
         self.progress = progress or (lambda message: None)
 
@@ -106,7 +109,8 @@ class Pipeline:
         working.CopyFrom(model)
         name_unnamed_nodes(working)
         verifier = (
-            Verifier(working, input_shapes=self.input_shapes, seed=self.seed, tolerance=self.tolerance, backend=self.backend)
+            Verifier(working, input_shapes=self.input_shapes, seed=self.seed, tolerance=self.tolerance, backend=self.backend,
+                     input_sets=self.input_sets)
             if self.verify else None
         )
         report = Report(
@@ -114,7 +118,7 @@ class Pipeline:
             backend=verifier.backend if verifier else None,
             atol=verifier.tolerance.atol if verifier else None,
             rtol=verifier.tolerance.rtol if verifier else None,
-            seed=self.seed, input_shapes={k: list(v) for k, v in self.input_shapes.items()},
+            seed=self.seed, input_shapes={k: list(v) if isinstance(v, tuple) else v for k, v in self.input_shapes.items()},
         )
         self._full_check = _passes_full_check(working)
         if not self._full_check:
@@ -123,6 +127,9 @@ class Pipeline:
         report.nodes_before = len(working.graph.node)
         report.flops_before = count_flops(working).total
         original = _reference_or_explain(verifier, working) if verifier else None
+        if verifier:
+            report.input_sets = verifier.describe_input_sets()
+            report.warnings.extend(verifier.warnings)
         reference = original
         flops = report.flops_before
 
@@ -173,9 +180,9 @@ class Pipeline:
     # -- one pass ------------------------------------------------------------------------------
 
     def _run_pass(
-        self, graph_pass: GraphPass, base: onnx.ModelProto, reference: Outputs | None, verifier: Verifier | None, iteration: int,
+        self, graph_pass: GraphPass, base: onnx.ModelProto, reference: References | None, verifier: Verifier | None, iteration: int,
         flops_before: int, since: onnx.ModelProto | None = None,
-    ) -> tuple[onnx.ModelProto, Outputs | None, PassRecord]:
+    ) -> tuple[onnx.ModelProto, References | None, PassRecord]:
         """`flops_before` is carried from the previous pass: counting walks every value_info.
         `since` (canonicalizations only): the canonical model the last pass rewrote into `base`."""
         apply_options = {} if since is None else {"since": since}
@@ -284,9 +291,9 @@ class Pipeline:
             record.worst_output = final.verdict.worst.name
 
     @staticmethod
-    def _final_check(verifier: Verifier, original: Outputs, last: Outputs, model: onnx.ModelProto) -> FinalCheck:
+    def _final_check(verifier: Verifier, original: References, last: References, model: onnx.ModelProto) -> FinalCheck:
         if verifier.backend == "onnxruntime":
-            verdict = compare_outputs(original, last, verifier.tolerance, verifier.backend)
+            verdict = verifier.compare(original, last)
         else:
             verdict, _ = verifier.check(original, model)
         worst = verdict.worst
@@ -318,14 +325,14 @@ def _collect_between_passes() -> Iterator[Callable[[], None]]:
         gc.enable()
 
 
-def _reference_or_explain(verifier: Verifier, model: onnx.ModelProto) -> Outputs:
+def _reference_or_explain(verifier: Verifier, model: onnx.ModelProto) -> References:
     """Reference outputs of the input model, or a clear error when ORT cannot run it at all."""
     try:
-        return verifier.reference(model)
+        return verifier.reference_of_input(model)
     except Exception as err:  # ORT raises its own types (custom op, unsupported opset, bad type)
         raise ModelError(
             f"cannot verify: ONNX Runtime cannot run the input model ({type(err).__name__}: {_one_line(err)}); "
-            "rerun with --no-verify to rewrite without proof"
+            "give inputs it runs on with --load-inputs, or rerun with --no-verify to rewrite without proof"
         ) from None
 
 

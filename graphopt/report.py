@@ -74,6 +74,16 @@ class FinalCheck:
 
 
 @dataclass
+class InputSetRecord:
+    """One input set verification ran every graph on: the seeded ones, or the user's own feeds."""
+
+    label: str
+    seed: int | None = None
+    distribution: str | None = None
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
 class Report:
     pipeline: str
     verify: bool
@@ -81,7 +91,8 @@ class Report:
     atol: float | None
     rtol: float | None
     seed: int
-    input_shapes: dict[str, list[int]]
+    input_shapes: dict[str, list[int] | int]
+    input_sets: list[InputSetRecord] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
     flops_before: int = 0

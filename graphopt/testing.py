@@ -19,8 +19,9 @@ import onnx
 
 from graphopt import modelio
 from graphopt.errors import EquivalenceError
-from graphopt.verify import Outputs, Tolerance, Verdict, Verifier, compare_outputs
-from graphopt.goldens import inputs_path_for, load_inputs, load_outputs, save_inputs, save_outputs
+from graphopt.goldens import inputs_path_for, load_outputs, save_inputs, save_outputs
+from graphopt.inputs import graph_inputs, load_input_sets
+from graphopt.verify import References, Tolerance, Verdict, Verifier, compare_outputs
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -38,10 +39,10 @@ def check_equivalent(
     seed: int = 0,
     backend: str = "auto",
 ) -> Verdict:
-    """Run both models on the same seeded inputs: ORT on `reference`, the backend on `candidate`."""
+    """Run both models on the same seeded input sets: ORT on `reference`, the backend on `candidate`."""
     reference, candidate = _load(reference), _load(candidate)
     verifier = Verifier(reference, input_shapes=input_shapes, seed=seed, tolerance=tolerance, backend=backend)
-    verdict, _ = verifier.check(verifier.reference(reference), candidate)
+    verdict, _ = verifier.check(verifier.reference_of_input(reference), candidate)
     return verdict
 
 
@@ -53,22 +54,25 @@ def assert_equivalent(reference: ModelLike, candidate: ModelLike, **options) -> 
     return verdict
 
 
-def record_golden(model: ModelLike, path: str | os.PathLike, **options) -> Outputs:
-    """Run `model` with ORT on seeded inputs; save the outputs to `path`, the inputs beside it."""
+def record_golden(model: ModelLike, path: str | os.PathLike, **options) -> References:
+    """Run `model` with ORT on seeded input sets; save the outputs to `path` (one iteration per set), the inputs beside it."""
     model = _load(model)
     verifier = Verifier(model, **options)
-    outputs = verifier.reference(model)
+    outputs = verifier.reference_of_input(model)
     save_outputs(path, outputs)
-    save_inputs(inputs_path_for(path), verifier.feed)
+    save_inputs(inputs_path_for(path), verifier.feeds)
     return outputs
 
 
 def assert_matches_golden(model: ModelLike, path: str | os.PathLike, *, tolerance: Tolerance | None = None, backend: str = "auto") -> Verdict:
     """Feed a golden's saved inputs to `model` and compare with its saved outputs."""
     model = _load(model)
-    expected = load_outputs(path)
-    verifier = Verifier(model, feed=load_inputs(inputs_path_for(path)), tolerance=tolerance, backend=backend)
-    verdict, _ = verifier.check(expected, model)
+    expected = load_outputs(path, model)
+    input_sets = load_input_sets(inputs_path_for(path), graph_inputs(model))
+    if len(input_sets) != len(expected):
+        raise AssertionError(f"golden {os.fspath(path)} has {len(expected)} iterations for {len(input_sets)} input sets")
+    verifier = Verifier(model, input_sets=input_sets, tolerance=tolerance, backend=backend)
+    verdict, _ = verifier.check(tuple(expected), model)
     if not verdict.passed:
         raise AssertionError(f"model differs from golden {os.fspath(path)} ({verdict.backend}): {verdict.worst.describe()}")
     return verdict

@@ -90,8 +90,8 @@ def test_saved_outputs_are_polygraphy_run_results(tmp_path):
 
     golden = tmp_path / "golden.json"
     graphopt_cli("verify", case_path("core/conv_stack"), case_path("core/conv_stack"), "--save-outputs", golden)
-    [(runner, [iteration])] = list(RunResults.load(str(golden)).items())
-    assert list(iteration.keys()) == ["y"]
+    [(runner, iterations)] = list(RunResults.load(str(golden)).items())
+    assert len(iterations) == 3 and all(list(iteration.keys()) == ["y"] for iteration in iterations)  # one per input set
 
 
 def test_list_shows_every_pass_with_options():
@@ -158,3 +158,122 @@ def test_run_with_lint_shows_what_the_rewrite_bought(tmp_path):
     result = graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--lint")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^lint \(fp16\): \d+ findings -> \d+", result.stdout, re.MULTILINE)
+
+
+def test_an_output_that_is_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "models" / "current.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"previous model")
+    link = tmp_path / "deploy.onnx"
+    link.symlink_to(target)
+    result = graphopt_cli("run", case_path("core/identity_weights"), "-o", link)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == target
+    assert_equivalent(load_case("core/identity_weights"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deploy.onnx", "models"]
+
+
+def test_reports_get_the_same_permissions_as_models(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert graphopt_cli("run", case_path("core/conv_stack"), "-o", out, "--report", report).returncode == 0
+    assert report.stat().st_mode == out.stat().st_mode
+
+
+def test_a_replaced_output_keeps_its_permissions(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    report.chmod(0o640)
+    assert graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--report", report).returncode == 0
+    assert json.loads(report.read_text())["pipeline"] and (report.stat().st_mode & 0o777) == 0o640
+
+
+def test_sigterm_during_a_save_leaves_no_temporary_folder(tmp_path):
+    # The signal arrives while the model is staged in its temporary folder, before the rename.
+    script = tmp_path / "terminate_while_saving.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from graphopt import cli, modelio\n"
+        "write = modelio._write\n"
+        "def write_then_terminate(model, path):\n"
+        "    write(model, path)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "modelio._write = write_then_terminate\n"
+        "sys.exit(cli.main())\n"
+    )
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    result = subprocess.run([sys.executable, script, "run", case_path("core/conv_stack"), "-o", out, "--no-verify"],
+                            capture_output=True, text=True)
+    assert result.returncode == 128 + 15, result.stderr
+    assert "interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+# -- input sets: the report lists them, and the user's own data replaces them -------------------------
+
+import numpy as np  # noqa: E402
+from polygraphy.json import save_json  # noqa: E402
+
+
+def test_the_report_lists_the_input_sets_verification_used(tmp_path):
+    report = tmp_path / "r.json"
+    assert graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--report", report).returncode == 0
+    sets = json.loads(report.read_text())["input_sets"]
+    assert [(s["seed"], s["distribution"], s["shapes"]["x"]) for s in sets] == [
+        (0, "uniform[-1, 1]", [1, 3, 16, 16]), (1, "normal(0, 1)", [2, 3, 16, 16]), (2, "uniform[0, 255]", [1, 3, 16, 16])]
+
+
+def positive_rows(count: int) -> list[dict[str, np.ndarray]]:
+    """Inputs on which ArgMax(Log(x)) and ArgMax(x) agree: every value positive, as probabilities are."""
+    rng = np.random.default_rng(3)
+    return [{"x": rng.uniform(0.01, 1.0, (4, 10)).astype(np.float32)} for _ in range(count)]
+
+
+def test_run_verifies_on_the_users_inputs_from_load_inputs(tmp_path):
+    inputs, report = tmp_path / "inputs.json", tmp_path / "r.json"
+    save_json(positive_rows(2), str(inputs))
+    result = graphopt_cli("run", case_path("verify/argmax_of_log"), "-o", tmp_path / "out.onnx", "--passes", "simplify",
+                          "--load-inputs", inputs, "--report", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    # on positive inputs onnxsim's ArgMax(x) is right, so it is kept (random sets roll it back)
+    assert data["passes"][0]["status"] == "changed"
+    assert [s["label"] for s in data["input_sets"]] == ["inputs.json #0", "inputs.json #1"]
+
+
+def test_run_and_verify_take_a_data_loader_script(tmp_path):
+    script = tmp_path / "loader.py"
+    script.write_text("import numpy as np\n\n"
+                      "def positive_rows():\n"
+                      "    rng = np.random.default_rng(3)\n"
+                      "    for _ in range(3):\n"
+                      "        yield {'x': rng.uniform(0.01, 1.0, (4, 10)).astype(np.float32)}\n\n"
+                      "load_data = positive_rows\n")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = graphopt_cli("run", case_path("verify/argmax_of_log"), "-o", out, "--passes", "simplify",
+                          "--data-loader-script", f"{script}:positive_rows", "--report", report)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(report.read_text())["input_sets"]) == 3
+    verified = graphopt_cli("verify", case_path("verify/argmax_of_log"), out, "--data-loader-script", script)  # load_data by default
+    assert verified.returncode == 0 and "over 3 input sets" in verified.stdout
+    assert graphopt_cli("verify", case_path("verify/argmax_of_log"), out).returncode == 1  # random sets reach negatives
+
+
+def test_saved_inputs_and_outputs_hold_every_input_set_and_check_a_later_model(tmp_path):
+    inputs, golden = tmp_path / "inputs.json", tmp_path / "golden.json"
+    save_json(positive_rows(2), str(inputs))
+    model = case_path("verify/argmax_of_log")
+    assert graphopt_cli("verify", model, model, "--load-inputs", inputs, "--save-outputs", golden).returncode == 0
+    result = graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs)
+    assert result.returncode == 0 and "over 2 input sets" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("elem_type", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.STRING])
+def test_saved_inputs_and_outputs_of_types_numpy_lacks_load_back_as_the_models_types(tmp_path, elem_type):
+    from tests.test_verify import identity_of
+
+    model, inputs, golden = tmp_path / "model.onnx", tmp_path / "inputs.json", tmp_path / "golden.json"
+    onnx.save(identity_of(elem_type), model)
+    assert graphopt_cli("verify", model, model, "--save-inputs", inputs, "--save-outputs", golden).returncode == 0
+    result = graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs)
+    assert result.returncode == 0 and "equivalent on onnxruntime" in result.stdout, result.stdout + result.stderr

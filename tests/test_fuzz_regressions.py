@@ -18,6 +18,7 @@ from graphopt.passes.reduce_to_pool import ReduceToPool
 from graphopt.passes.simplify import Simplify
 from graphopt.testing import assert_equivalent
 from graphopt.verify import make_feed
+from polygraphy.common import TensorMetadata
 from tests.fixtures.cases import load_case
 from tests.helpers import assert_rewrites_equivalently, op_counts, run_pass
 
@@ -167,11 +168,20 @@ def test_fc_to_conv_is_exact_on_a_cancelling_head_in_float64():
     assert np.max(np.abs(after - before)) <= 1e-12 * np.max(np.abs(before))
 
 
-@pytest.mark.xfail(strict=True, reason="FP32_TOLERANCE (rtol 1e-5 of the output's scale) is below fp32 rounding "
-                                       "noise for an output that nearly cancels: the exact rewrite is rolled back")
-def test_verifier_accepts_fc_to_conv_on_a_cancelling_head():
-    _, record, _ = run_pass(load_case("fuzz_regressions/cancelling_head"), FcToConv())
+def test_verifier_accepts_fc_to_conv_on_a_cancelling_head_within_the_inputs_fp32_sensitivity():
+    # The input on which the head nearly cancels: polygraphy's seed-0 sample, which verification drew before it drew its own
+    # sets. The exact rewrite's error is above rtol of the tiny output, and within what one rounding step of the input moves it.
+    from polygraphy.comparator import DataLoader
+
+    from graphopt.inputs import InputSet
+    from graphopt.verify import FP32_TOLERANCE
+
+    model = load_case("fuzz_regressions/cancelling_head")
+    [vi] = model.graph.input
+    cancelling = dict(DataLoader(seed=0, val_range=(-1.0, 1.0), input_metadata=TensorMetadata().add(vi.name, np.float32, (1, 1, 11, 8)))[0])
+    _, record, _ = run_pass(model, FcToConv(), input_sets=[InputSet("cancelling", cancelling)])
     assert record.status == "changed", [site.reason for site in record.rolled_back]
+    assert record.max_rel_err > FP32_TOLERANCE.rtol
 
 
 # -- pad-channels with one channel -----------------------------------------------------------------

@@ -79,8 +79,10 @@ def lint_command_impl(model_path: str | os.PathLike, precision: Precision | None
 
     Bad input raises ModelError/OutputPathError, which the CLI turns into one line and exit 2.
     """
-    model = modelio.load_model(model_path)
-    target = modelio.check_output_path(json_path, None, overwrite_input=False) if json_path else None
+    source = modelio.read_model(model_path)
+    model = source.model
+    outputs = [modelio.OutputFile(Path(json_path), "--json")] if json_path else []
+    [target] = modelio.check_outputs(outputs, source.inputs()) or [None]
     report = lint_model(model, precision, name=Path(model_path).name, fixes=fixes)
     click.echo(format_findings(report))
     if target is not None:
