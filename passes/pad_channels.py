@@ -379,7 +379,8 @@ class Reach:
 
     def find(self, name: str) -> str:
         while self.parent[name] != name:
-            name = self.parent[name] = self.parent[self.parent[name]]
+            self.parent[name] = self.parent[self.parent[name]]  # path halving
+            name = self.parent[name]
         return name
 
     def follow(self) -> None:

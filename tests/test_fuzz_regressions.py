@@ -314,3 +314,8 @@ def test_a_second_run_changes_nothing_when_onnxsims_optimizer_was_rejected_the_f
     out, report = optimize(model, "all")
     assert report.passes[0].counters["optimizer_output_rejected"] == 1
     assert changed_on_second_run(out) == {}
+
+
+def test_pad_channels_pads_three_summed_convs_as_one_site():
+    out, record = assert_rewrites_equivalently(load_case("fuzz_regressions/three_convs_summed"), PadChannels(align=16, max_overhead=100))
+    assert record.sites_applied == ["conv:conv0,conv1,conv2"] and op_counts(out)["Slice"] == 1
