@@ -357,7 +357,10 @@ class Reach:
 
     def find(self, name: str) -> str:
         while self.parent[name] != name:
-            name = self.parent[name] = self.parent[self.parent[name]]
+            # Path halving, in two statements: `name = parent[name] = grandparent` would assign
+            # `name` first and so make the grandparent its own root, splitting the set.
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
         return name
 
     def follow(self) -> None:

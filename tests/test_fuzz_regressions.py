@@ -230,6 +230,15 @@ def test_a_mean_beside_an_output_mean_of_the_same_map_shares_its_pool():
     assert op_counts(out) == {"GlobalAveragePool": 1, "Squeeze": 1}
 
 
+def test_pad_channels_pads_three_summed_convs_as_one_site():
+    out, record = assert_rewrites_equivalently(load_case("fuzz_regressions/three_convs_summed"), PadChannels(max_overhead=100),
+                                               canonicalize=False)
+    assert record.sites_applied == ["conv:conv_a,conv_b,conv_c"]
+    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert [weights[n.input[1]].shape[0] for n in out.graph.node if n.op_type == "Conv"] == [8, 8, 8]
+    assert op_counts(out) == {"Conv": 3, "Add": 2, "Slice": 1}
+
+
 def test_equal_readers_of_a_padded_graph_output_are_merged_by_the_canonicalization_after_pad_channels():
     # pad-channels carries both Relus on the padded map; the canonicalization after it merges them
     # (once they no longer write graph outputs), in the same run, so a second run finds nothing.
