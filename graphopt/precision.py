@@ -48,8 +48,10 @@ class LayerPrecision:
 
 def layer_precision(layer: gs.Node, target: TargetPrecision = "fp16") -> LayerPrecision:
     """The precision `layer` (a Conv, Gemm or MatMul: data input 0, weight input 1) runs in."""
-    data, kernel = layer.inputs[0], weight(layer.inputs[1]) if len(layer.inputs) > 1 else None
-    if kernel is not None and kernel.quantized and _dequantized(data):
+    data = layer.inputs[0]
+    # Structure first: reading a float weight's values costs a copy of it, and most layers are float.
+    kernel = weight(layer.inputs[1]) if len(layer.inputs) > 1 and _dequantized(data) and _dequantized(layer.inputs[1]) else None
+    if kernel is not None and kernel.quantized:
         kind = _QUANTIZED_KIND.get(_onnx_type(kernel.quantization.dequantize.inputs[0]))
         if kind is not None:
             return LayerPrecision(kind, "Q/DQ on its input and weight")
