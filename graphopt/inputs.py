@@ -366,6 +366,12 @@ _STRINGS = np.array(["", "a", "graphopt", "ONNX", "42", "-1.5", "hello world", "
 def sample(graph_input: GraphInput, shape: tuple[int, ...], distribution: FloatDistribution, rng: np.random.Generator,
            int_range: tuple[int, int] | None = None) -> np.ndarray:
     """Random values of the input's type: floats from `distribution`, integers within `int_range`."""
+    # NumPy's generators return a scalar, not an array, for shape (); runtimes take arrays only.
+    return np.asarray(_draw(graph_input, shape, distribution, rng, int_range))
+
+
+def _draw(graph_input: GraphInput, shape: tuple[int, ...], distribution: FloatDistribution, rng: np.random.Generator,
+          int_range: tuple[int, int] | None) -> np.ndarray:
     elem_type = graph_input.elem_type
     if elem_type == onnx.TensorProto.STRING:
         return _STRINGS[rng.integers(0, len(_STRINGS), shape)]

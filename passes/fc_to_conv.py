@@ -250,10 +250,13 @@ def read_linear(node: gs.Node) -> Linear | None:
     gemm = node.op == "Gemm"
     matrix = stored if gemm and node.attrs.get("transB", 0) else stored.T
     alpha, beta = (float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))) if gemm else (1.0, 1.0)
-    folded = in_dtype(matrix.astype(np.float64) * alpha, stored.dtype)
+    # alpha = beta = 1 (every exporter's Gemm) needs no arithmetic: a float64 copy of a large
+    # classifier's weight was most of the pass's time.
+    folded = matrix if alpha == 1.0 else in_dtype(matrix.astype(np.float64) * alpha, stored.dtype)
     bias = None
     if gemm and len(node.inputs) > 2 and node.inputs[2].name:
-        bias = in_dtype(per_channel(weight(node.inputs[2]).stored, matrix.shape[0]).astype(np.float64) * beta, stored.dtype)
+        values = per_channel(weight(node.inputs[2]).stored, matrix.shape[0])
+        bias = values.astype(stored.dtype) if beta == 1.0 else in_dtype(values.astype(np.float64) * beta, stored.dtype)
         if bias is None:
             return None
     if folded is None:
