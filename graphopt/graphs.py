@@ -161,10 +161,6 @@ def equal_constants(a: gs.Tensor, b: gs.Tensor) -> bool:
     return va is not None and vb is not None and va.dtype == vb.dtype and np.array_equal(va, vb)
 
 
-def is_constant(tensor: gs.Tensor) -> bool:
-    return constant_value(tensor) is not None
-
-
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The shape if every dimension is a known integer, else None."""
     shape = tensor.shape

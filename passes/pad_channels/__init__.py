@@ -44,12 +44,7 @@ from typing import Literal
 
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import (
-    DEFAULT_DOMAINS,
-    FLOAT_DTYPES,
-    nodes_with_op,
-    opset_version,
-)
+from graphopt.graphs import DEFAULT_DOMAINS, FLOAT_DTYPES, nodes_with_op, opset_version
 from graphopt.passbase import GraphPass, PassStats, Site
 from graphopt.precision import LayerPrecision, layer_precision
 from .reach import plan_sites, uses

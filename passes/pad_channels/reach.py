@@ -7,12 +7,7 @@ from collections import deque
 
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import (
-    DEFAULT_DOMAINS,
-    constant_value,
-    is_graph_output,
-    used_in_subgraph,
-)
+from graphopt.graphs import DEFAULT_DOMAINS, constant_value, is_graph_output, used_in_subgraph
 from .sites import (
     BATCHNORM_FILL,
     CARRY,

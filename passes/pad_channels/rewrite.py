@@ -7,20 +7,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import (
-    constant_value,
-    live_channels,
-    make_constant,
-    set_split_sizes,
-    unique_name,
-    weight,
-)
-from .sites import (
-    ChannelSite,
-    ConvCost,
-    Role,
-    has_bias,
-)
+from graphopt.graphs import constant_value, live_channels, make_constant, set_split_sizes, unique_name, weight
+from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
 

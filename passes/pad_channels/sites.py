@@ -8,10 +8,7 @@ from enum import Enum
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import (
-    FLOAT_DTYPES,
-    weight,
-)
+from graphopt.graphs import FLOAT_DTYPES, weight
 from graphopt.precision import LayerPrecision
 
 VALID_ALIGNS = (8, 16, 32)
