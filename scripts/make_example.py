@@ -1,9 +1,11 @@
-"""Build examples/tiny_cnn.onnx: a small CNN with one instance of every pattern graphopt rewrites.
+"""Build examples/tiny_cnn.onnx: a small CNN with one instance of the patterns graphopt rewrites.
 
-Random weights (seeded). The graph, as an exporter would emit it:
-  conv 3->30 (unaligned) -> Relu -> [1x1 conv 30->16 | 3x3 conv 30->16] siblings -> Concat
+Random weights (seeded). The graph, as an exporter emits a training-form RepVGG block:
+  conv 3->32 -> Relu -> [3x3 conv 32->32 + 1x1 conv 32->32 + BatchNormalization] summed -> Relu
   -> squeeze-excite (ReduceMean over H,W -> 1x1 -> Relu -> 1x1 -> Sigmoid -> Mul)
   -> Mul by 1 (an identity scale) -> MaxPool -> Flatten -> Gemm -> Relu -> Gemm
+`graphopt run --passes all` makes it denser without growing its FLOPs: the three branches become
+one 3x3 Conv (reparameterize), the mean a GlobalAveragePool, the head Convs, the Mul by 1 goes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from tests.fixtures.builders import make_model, node, rand  # noqa: E402
 def build() -> onnx.ModelProto:
     he = lambda fan_in: float(np.sqrt(2.0 / fan_in))  # noqa: E731
     weights = {
-        "stem_w": rand(30, 3, 3, 3, seed=1, scale=he(27)), "stem_b": rand(30, seed=2, scale=0.1),
-        "squeeze_w": rand(16, 30, 1, 1, seed=3, scale=he(30)), "squeeze_b": rand(16, seed=4, scale=0.1),
-        "expand_w": rand(16, 30, 3, 3, seed=5, scale=he(270)), "expand_b": rand(16, seed=6, scale=0.1),
+        "stem_w": rand(32, 3, 3, 3, seed=1, scale=he(27)), "stem_b": rand(32, seed=2, scale=0.1),
+        "rep3_w": rand(32, 32, 3, 3, seed=3, scale=he(288)), "rep3_b": rand(32, seed=4, scale=0.1),
+        "rep1_w": rand(32, 32, 1, 1, seed=5, scale=he(32)), "rep1_b": rand(32, seed=6, scale=0.1),
+        "bn_scale": rand(32, seed=15, scale=0.1) + 1.0, "bn_bias": rand(32, seed=16, scale=0.1),
+        "bn_mean": rand(32, seed=17, scale=0.1), "bn_var": np.abs(rand(32, seed=18, scale=0.2)) + 0.5,
         "se_reduce_w": rand(8, 32, 1, 1, seed=7, scale=he(32)), "se_reduce_b": rand(8, seed=8, scale=0.1),
         "se_expand_w": rand(32, 8, 1, 1, seed=9, scale=he(8)), "se_expand_b": rand(32, seed=10, scale=0.1),
         "one": np.array(1.0, np.float32),
@@ -35,11 +39,12 @@ def build() -> onnx.ModelProto:
     nodes = [
         node("Conv", ["images", "stem_w", "stem_b"], ["stem"], name="stem_conv", pads=[1, 1, 1, 1], strides=[2, 2]),
         node("Relu", ["stem"], ["stem_relu"], name="stem_relu"),
-        node("Conv", ["stem_relu", "squeeze_w", "squeeze_b"], ["branch1x1"], name="fire_1x1"),
-        node("Conv", ["stem_relu", "expand_w", "expand_b"], ["branch3x3"], name="fire_3x3", pads=[1, 1, 1, 1]),
-        node("Relu", ["branch1x1"], ["branch1x1_relu"], name="fire_1x1_relu"),
-        node("Relu", ["branch3x3"], ["branch3x3_relu"], name="fire_3x3_relu"),
-        node("Concat", ["branch1x1_relu", "branch3x3_relu"], ["fire"], name="fire_concat", axis=1),
+        node("Conv", ["stem_relu", "rep3_w", "rep3_b"], ["branch3x3"], name="rep_3x3", pads=[1, 1, 1, 1]),
+        node("Conv", ["stem_relu", "rep1_w", "rep1_b"], ["branch1x1"], name="rep_1x1"),
+        node("BatchNormalization", ["stem_relu", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["identity"], name="rep_identity"),
+        node("Add", ["branch3x3", "branch1x1"], ["rep_sum"], name="rep_add"),
+        node("Add", ["rep_sum", "identity"], ["rep"], name="rep_add_identity"),
+        node("Relu", ["rep"], ["fire"], name="rep_relu"),
         node("ReduceMean", ["fire"], ["se_pool"], name="se_mean", axes=[2, 3], keepdims=1),
         node("Conv", ["se_pool", "se_reduce_w", "se_reduce_b"], ["se_r"], name="se_reduce"),
         node("Relu", ["se_r"], ["se_r_relu"], name="se_relu"),
