@@ -54,6 +54,7 @@ from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
     constant_value,
+    in_dtype,
     is_graph_output,
     make_constant,
     nodes_with_op,
@@ -262,13 +263,6 @@ def read_linear(node: gs.Node) -> Linear | None:
     if folded is None:
         return None
     return Linear(node, folded, bias, flattened_map(node, matrix.shape[1]))
-
-
-def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
-    """float64 `values` cast to `dtype`, or None where a finite value overflows it."""
-    with np.errstate(over="ignore"):  # overflow is what this checks for
-        cast = values.astype(dtype)
-    return None if np.any(np.isinf(cast) & np.isfinite(values)) else cast
 
 
 def flattened_map(node: gs.Node, k: int) -> gs.Tensor | None:
