@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from graphopt import GraphPass, Pipeline
 from graphopt.report import PassRecord, Report
@@ -47,3 +49,19 @@ def assert_unchanged(model: onnx.ModelProto, graph_pass: GraphPass, reason: str 
 
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
+
+
+# -- reading a rewritten model ---------------------------------------------------------------------
+
+
+def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    [found] = [n for n in model.graph.node if n.op_type == op]
+    return found
+
+
+def attr(node: onnx.NodeProto, name: str):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def constant(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)

@@ -3,7 +3,6 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from graphopt.modelio import infer_shapes
 from graphopt.spec import parse_options
@@ -11,20 +10,7 @@ from graphopt.testing import assert_equivalent
 from passes.merge_convs import FLOPS_GROW, MIXED_ACTIVATIONS, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
-from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts, run_pass
-
-
-def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
-    [found] = [n for n in model.graph.node if n.op_type == op]
-    return found
-
-
-def attr(node: onnx.NodeProto, name: str):
-    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
-
-
-def constant(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, attr, constant, only, op_counts, run_pass
 
 
 def producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:

@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import numpy_helper
 
 from graphopt.flops import count_flops
 from graphopt.modelio import infer_shapes
@@ -21,20 +20,7 @@ from passes.reparameterize import (
 )
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
-from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts, run_pass
-
-
-def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
-    [found] = [n for n in model.graph.node if n.op_type == op]
-    return found
-
-
-def attr(node: onnx.NodeProto, name: str):
-    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
-
-
-def constant(model: onnx.ModelProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, attr, constant, only, op_counts
 
 
 def batchnorm_affine(model: onnx.ModelProto, prefix: str) -> tuple[np.ndarray, np.ndarray]:
