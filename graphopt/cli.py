@@ -26,7 +26,7 @@ from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError
 from graphopt.goldens import load_outputs, save_inputs, save_outputs
 from graphopt.inputs import InputSet, graph_inputs, load_input_sets, script_input_sets
 from graphopt.lint import diff_findings, lint_command_impl, lint_model
-from graphopt.pipeline import Pipeline
+from graphopt.pipeline import CANONICALIZER, Pipeline
 from graphopt.registry import available_passes, default_order
 from graphopt.report import INPUT, PassRecord, Report
 from graphopt.spec import describe_options, parse_spec
@@ -197,7 +197,8 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], se
     echo = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     pipeline = Pipeline(pipeline_passes, verify=not no_verify, strict=strict, fixed_point=fixed_point,
                         tolerance=tolerance(source) if not no_verify else None, input_shapes=shapes, seed=seed,
-                        input_sets=user_data.input_sets(source), backend=backend, progress=echo)
+                        input_sets=user_data.input_sets(source), backend=backend, progress=echo,
+                        canonicalize=CANONICALIZER not in {s.strip() for item in skip for s in item.split(",")})
     try:
         optimized, report = pipeline.run(source)
     except EquivalenceError as err:

@@ -277,3 +277,12 @@ def test_saved_inputs_and_outputs_of_types_numpy_lacks_load_back_as_the_models_t
     assert graphopt_cli("verify", model, model, "--save-inputs", inputs, "--save-outputs", golden).returncode == 0
     result = graphopt_cli("verify", model, "--load-outputs", golden, "--load-inputs", inputs)
     assert result.returncode == 0 and "equivalent on onnxruntime" in result.stdout, result.stdout + result.stderr
+
+
+def test_skip_simplify_turns_canonicalization_off(tmp_path):
+    report = tmp_path / "r.json"
+    result = graphopt_cli("run", case_path("core/identity_weights"), "-o", tmp_path / "out.onnx", "--passes", "all",
+                          "--skip", "simplify", "--no-verify", "--report", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["canonicalize"] is False and "simplify" not in [p["name"] for p in data["passes"]]
