@@ -273,6 +273,39 @@ def make_constant(graph: gs.Graph, stem: str, values: np.ndarray) -> gs.Constant
     return gs.Constant(unique_name(graph, stem), np.array(values, order="C"))
 
 
+def make_weight(
+    graph: gs.Graph, stem: str, like: Weight, stored: np.ndarray,
+    scale: np.ndarray | None = None, zero_point: np.ndarray | None = None, axis: int | None | bool = False,
+) -> gs.Tensor:
+    """A new weight in the form `like` came in: a plain constant, integers -> DequantizeLinear, or
+    a float constant -> QuantizeLinear -> DequantizeLinear, the Q/DQ nodes copying `like`'s
+    attributes (`axis` replaced where given: None for per-tensor). Scale and zero point default
+    to `like`'s. Returns the tensor a reader takes as its input.
+    """
+    q = like.quantization
+    if q is None:
+        return make_constant(graph, stem, stored)
+    scale = q.scale if scale is None else scale
+    zero_point = q.zero_point if zero_point is None else zero_point
+    axis = q.axis if axis is False else axis
+    parameters = [make_constant(graph, f"{stem}_scale", scale), make_constant(graph, f"{stem}_zero_point", zero_point)]
+    source: gs.Tensor = make_constant(graph, f"{stem}_stored", stored)
+    if q.quantize is not None:
+        source = _quantization_node(graph, q.quantize, axis, [source, *parameters], zero_point.dtype, stored.shape)
+    return _quantization_node(graph, q.dequantize, axis, [source, *parameters], scale.dtype, stored.shape)
+
+
+def _quantization_node(graph: gs.Graph, like: gs.Node, axis: int | None, inputs: list[gs.Tensor],
+                       dtype: np.dtype, shape: tuple[int, ...]) -> gs.Variable:
+    """A Q or DQ node with `like`'s attributes (saturate, output_dtype...) and the given axis."""
+    output = gs.Variable(unique_name(graph, f"{like.name}_out"), dtype=dtype, shape=list(shape))
+    node_attrs = {k: v for k, v in like.attrs.items() if k != "axis"}
+    if axis is not None:
+        node_attrs["axis"] = axis
+    graph.nodes.append(gs.Node(like.op, unique_name(graph, like.name), node_attrs, inputs=inputs, outputs=[output]))
+    return output
+
+
 def in_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     """Weights computed in float64, cast to `dtype`; None where a finite value overflows it
     (float16 ends at 65504), so that a fold declines instead of writing Inf."""

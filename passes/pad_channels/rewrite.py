@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import constant_value, live_channels, make_constant, set_split_sizes, unique_name, weight
+from graphopt.graphs import constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
 from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
@@ -141,18 +141,7 @@ def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
     stored = pad_axis(conv_weight.stored, axis, size, fill)
     scale = pad_axis(q.scale, 0, size, 1.0) if new_filters else q.scale
     zero_point = pad_axis(q.zero_point, 0, size, 0) if new_filters else q.zero_point
-    parameters = [make_constant(graph, f"{stem}_scale", scale), make_constant(graph, f"{stem}_zero_point", zero_point)]
-    source: gs.Tensor = make_constant(graph, f"{stem}_stored", stored)
-    if q.quantize is not None:
-        source = quantization_node(graph, q.quantize, [source, *parameters], zero_point.dtype, stored.shape)
-    conv.inputs[1] = quantization_node(graph, q.dequantize, [source, *parameters], scale.dtype, stored.shape)
-
-
-def quantization_node(graph: gs.Graph, like: gs.Node, inputs: list[gs.Tensor], dtype: np.dtype, shape: tuple[int, ...]) -> gs.Variable:
-    """A new Q or DQ node with the attributes of `like`, reading `inputs`; returns its output."""
-    output = gs.Variable(unique_name(graph, f"{like.name}_padded_out"), dtype=dtype, shape=list(shape))
-    graph.nodes.append(gs.Node(like.op, unique_name(graph, f"{like.name}_padded"), dict(like.attrs), inputs=inputs, outputs=[output]))
-    return output
+    conv.inputs[1] = make_weight(graph, stem, conv_weight, stored, scale, zero_point)
 
 
 def add_split_output(graph: gs.Graph, split: gs.Node, channels: int, padded: int) -> None:
