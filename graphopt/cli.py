@@ -229,7 +229,7 @@ def format_summary(report: Report) -> str:
             p.status,
             f"{p.nodes_before} -> {p.nodes_after}",
             f"{p.seconds:.2f}s",
-            p.verified_by or ("-" if not report.verify or not p.changed else "?"),
+            (p.verified_by + (" (layer-wise)" if p.judged else "")) if p.verified_by else ("-" if not report.verify or not p.changed else "?"),
             "-" if p.max_rel_err is None else f"{p.max_rel_err:.1e}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -246,6 +246,8 @@ def format_summary(report: Report) -> str:
     if report.final is not None:
         verdict = "equivalent" if report.final.passed else "NOT equivalent"
         lines.append(f"whole pipeline: {verdict} on {report.final.verified_by} ({report.final.detail})")
+        if report.final.judged:
+            lines.append(f"  {report.final.judged}")
     elif not report.verify:
         lines.append("whole pipeline: not verified (--no-verify)")
     return "\n".join(lines)
@@ -348,12 +350,16 @@ def verify(reference: Path, candidate: Path | None, save_outputs_path: Path | No
         click.echo(f"warning: {warning}", err=True)
     tol = verifier.tolerance
     try:
-        verdict, _ = verifier.check(tuple(expected), candidate_model)
+        verdict, _ = verifier.check(tuple(expected), candidate_model, None if load_outputs_path else reference_model)
     except Exception as err:  # the reference ran on these inputs and the candidate does not: a difference
         click.echo(f"NOT equivalent: {verifier.backend} cannot run {candidate or reference}: {type(err).__name__}: {_one_line(err)}")
         sys.exit(EXIT_NOT_EQUIVALENT)
-    for output in verdict.outputs:
-        click.echo(f"{'PASS' if output.passed else 'FAIL'}  {output.describe()}")
+    graph_outputs = {o.name for o in candidate_model.graph.output}
+    for output in verdict.outputs:  # judged layer-wise: the graph outputs, and any region that failed
+        if verdict.layerwise is None or output.name in graph_outputs or not output.passed:
+            click.echo(f"{'PASS' if output.passed else 'FAIL'}  {output.describe()}")
+    if verdict.layerwise is not None:
+        click.echo(verdict.layerwise.describe())
     sets = f"{len(verifier.input_sets)} input set{'s' if len(verifier.input_sets) > 1 else ''}"
     if not verdict.passed:
         click.echo(f"NOT equivalent on {verdict.backend} over {sets} (atol={tol.atol:g}, rtol={tol.rtol:g}); worst: {verdict.worst.describe()}")

@@ -127,6 +127,7 @@ class Pipeline:
         report.nodes_before = len(working.graph.node)
         report.flops_before = count_flops(working).total
         original = _reference_or_explain(verifier, working) if verifier else None
+        input_model = working
         if verifier:
             report.input_sets = verifier.describe_input_sets()
             report.warnings.extend(verifier.warnings)
@@ -170,7 +171,7 @@ class Pipeline:
         report.nodes_after = len(working.graph.node)
         report.flops_after = flops
         if verifier and any(p.changed for p in report.passes):
-            report.final = self._final_check(verifier, original, reference, working)
+            report.final = self._final_check(verifier, original, reference, input_model, working)
         report.seconds = time.perf_counter() - start
         if self.strict and not report.equivalent:
             raise EquivalenceError(_strict_message(report), report)
@@ -201,7 +202,7 @@ class Pipeline:
             if verifier is None:
                 return _Attempt(True, candidate, result)
             try:
-                verdict, outputs = verifier.check(reference, candidate)
+                verdict, outputs = verifier.check(reference, candidate, base)
             except Exception as err:  # the runtime rejected the rewritten graph: that is a failure too
                 return _Attempt(False, error=f"{verifier.backend} cannot run the rewritten graph: {type(err).__name__}: {_one_line(err)}")
             return _Attempt(verdict.passed, candidate, result, verdict, outputs)
@@ -289,15 +290,18 @@ class Pipeline:
             record.max_abs_err = final.verdict.max_abs_err
             record.max_rel_err = final.verdict.max_rel_err
             record.worst_output = final.verdict.worst.name
+            record.judged = final.verdict.layerwise.describe() if final.verdict.layerwise else None
 
     @staticmethod
-    def _final_check(verifier: Verifier, original: References, last: References, model: onnx.ModelProto) -> FinalCheck:
+    def _final_check(verifier: Verifier, original: References, last: References, original_model: onnx.ModelProto,
+                     model: onnx.ModelProto) -> FinalCheck:
         if verifier.backend == "onnxruntime":
-            verdict = verifier.compare(original, last)
+            verdict = verifier.compare(original, last, original_model, model)
         else:
-            verdict, _ = verifier.check(original, model)
+            verdict, _ = verifier.check(original, model, original_model)
         worst = verdict.worst
-        return FinalCheck(verdict.backend, verdict.passed, verdict.max_abs_err, verdict.max_rel_err, worst.name, worst.describe())
+        return FinalCheck(verdict.backend, verdict.passed, verdict.max_abs_err, verdict.max_rel_err, worst.name, worst.describe(),
+                          verdict.layerwise.describe() if verdict.layerwise else None)
 
 
 def _canonicalizer(passes: Sequence[GraphPass]) -> GraphPass:

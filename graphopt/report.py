@@ -41,6 +41,8 @@ class PassRecord:
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     worst_output: str | None = None
+    # How a quantized graph's rewrite was judged when its outputs differed (graphopt.layerwise).
+    judged: str | None = None
     sites_found: int = 0
     sites_applied: list[str] = field(default_factory=list)
     rolled_back: list[RolledBackSite] = field(default_factory=list)
@@ -71,6 +73,7 @@ class FinalCheck:
     max_rel_err: float
     worst_output: str
     detail: str
+    judged: str | None = None  # as PassRecord.judged
 
 
 @dataclass

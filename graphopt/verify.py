@@ -37,6 +37,9 @@ from polygraphy.comparator.struct import IterationResult
 from graphopt.errors import OptionError
 from graphopt.inputs import InputSet, InputShapes, default_input_sets, is_float_dtype, quiet_polygraphy
 from graphopt.inputs import parse_input_shapes  # noqa: F401  (the CLI's and tests' entry point, kept here)
+from graphopt.layerwise import (
+    OWN_SUFFIX, CutPoint, StepDifferences, candidate_probe, cut_points, injected_feed, is_quantized, reference_probe, step_differences,
+)
 from graphopt.modelio import weights_apart
 from graphopt.report import InputSetRecord
 
@@ -144,12 +147,28 @@ class OutputVerdict:
 
 
 @dataclass(frozen=True)
+class Layerwise:
+    """How a quantized graph was judged region by region (graphopt.layerwise)."""
+
+    cut_points: int  # quantizers both graphs share, fed the reference's integers
+    one_step: int  # quantized values one step from the reference's (a value on a rounding boundary)
+    compared: int  # quantized values compared, over all cut points and input sets
+    end_to_end: str  # the graph outputs compared without cuts: what int8 rounding flips did to them
+
+    def describe(self) -> str:
+        share = f"{self.one_step} of {self.compared}" if self.compared else "none"
+        return (f"judged layer-wise at {self.cut_points} quantizers ({share} quantized values one step apart, none more); "
+                f"end to end, rounding flips propagated: {self.end_to_end}")
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The comparison of all outputs of two graphs, and who computed the candidate's."""
 
     backend: str
     outputs: tuple[OutputVerdict, ...]
     tolerance: Tolerance
+    layerwise: Layerwise | None = None  # set when a quantized graph was judged region by region
 
     @property
     def passed(self) -> bool:
@@ -443,6 +462,7 @@ class Verifier:
         self._input_model: onnx.ModelProto | None = None  # kept to measure its fp32 sensitivity, if ever needed
         self._input_outputs: References = ()
         self._sensitivity: list[dict[str, float]] | None = None
+        self._quantized: bool | None = None
 
     @property
     def feed(self) -> dict[str, np.ndarray]:
@@ -487,29 +507,73 @@ class Verifier:
         self._input_outputs = tuple(outputs)
         return self._input_outputs
 
-    def check(self, reference: References, model: onnx.ModelProto) -> tuple[Verdict, References | None]:
+    def check(self, reference: References, model: onnx.ModelProto,
+              reference_model: onnx.ModelProto | None = None) -> tuple[Verdict, References | None]:
         """Verdict of `model` against `reference`, plus its ORT outputs when ORT computed them.
 
-        Those outputs are exactly what `reference(model)` would return, so the pass manager
-        reuses them as the next pass's reference instead of running the graph again.
+        `reference_model` (the graph `reference` came from) lets a quantized graph be judged
+        layer-wise when its outputs differ. The outputs returned are exactly what
+        `reference(model)` would return, so the pass manager reuses them as the next pass's
+        reference instead of running the graph again.
         """
         if self.backend == TRT:
             return self.compare(reference, run_tensorrt(model, self.feeds)), None
         outputs = tuple(run_onnxruntime_sets(model, self.feeds))
-        return self.compare(reference, outputs), outputs
+        return self.compare(reference, outputs, reference_model, model), outputs
 
-    def compare(self, reference: Sequence[Outputs], candidate: Sequence[Outputs]) -> Verdict:
-        """Judge by the tolerance; an error beyond it is judged again against the input sets' fp32 sensitivity.
+    def compare(self, reference: Sequence[Outputs], candidate: Sequence[Outputs],
+                reference_model: onnx.ModelProto | None = None, candidate_model: onnx.ModelProto | None = None) -> Verdict:
+        """Judge by the tolerance. An error beyond it is judged again: layer-wise when the graph is
+        quantized and both graphs are given (graphopt.layerwise), else against the input sets'
+        fp32 sensitivity.
 
         The sensitivity is measured on the input model (never on a candidate, whose own flaw could
         make it sensitive), once, and only when a numeric failure asks for it: it costs a run per set.
+        On a quantized graph it measures rounding chaos, which would excuse any error, so it is
+        not used there.
         """
         labels = [s.label for s in self.input_sets]
         verdict = compare_sets(reference, candidate, self.tolerance, self.backend, labels)
         numeric_failure = any(not o.passed and o.reason is None for o in verdict.outputs)
         if verdict.passed or not numeric_failure or self._input_model is None:
             return verdict
+        if self.quantized:
+            if reference_model is None or candidate_model is None or self.backend != ORT:
+                return verdict
+            return self.layerwise(verdict, reference_model, candidate_model)
         return compare_sets(reference, candidate, self.tolerance, self.backend, labels, self.fp32_sensitivity())
+
+    @property
+    def quantized(self) -> bool:
+        if self._quantized is None:
+            self._quantized = self._input_model is not None and is_quantized(self._input_model)
+        return self._quantized
+
+    def layerwise(self, end_to_end: Verdict, reference_model: onnx.ModelProto, candidate_model: onnx.ModelProto) -> Verdict:
+        """Each region between the quantizers both graphs share, judged on the reference's own integers."""
+        cuts = cut_points(reference_model, candidate_model)
+        reference_graph = OrtGraph(reference_probe(reference_model, cuts))
+        candidate_graph = OrtGraph(candidate_probe(candidate_model, cuts))
+        outputs = [o.name for o in reference_model.graph.output]
+        views: tuple[list[Outputs], list[Outputs]] = ([], [])
+        steps: dict[str, list[tuple[str, StepDifferences]]] = {c.name: [] for c in cuts}
+        for input_set in self.input_sets:
+            ref = reference_graph.run(input_set.feed)
+            cand = candidate_graph.run({**input_set.feed, **injected_feed(cuts, ref)})
+            views[0].append(OrderedDict([*((n, ref[n]) for n in outputs), *((_quantizer_input(c), ref[c.reference_input]) for c in cuts)]))
+            views[1].append(OrderedDict([*((n, cand[n]) for n in outputs),
+                                         *((_quantizer_input(c), c.reference_part(cand[c.candidate_input])) for c in cuts)]))
+            for cut in cuts:
+                if (differences := step_differences(ref[cut.name], cut.reference_part(cand[cut.name + OWN_SUFFIX]))) is not None:
+                    steps[cut.name].append((input_set.label, differences))
+        labels = [s.label for s in self.input_sets]
+        regions = compare_sets(views[0], views[1], self.tolerance, ORT, labels)
+        jumps = [OutputVerdict(f"{name} (quantized)", False, reason=f"{d.more} of {d.size} quantized values differ by more than one step "
+                               f"(up to {d.max_steps})", input_set=label)
+                 for name, per_set in steps.items() for label, d in per_set if d.more]
+        summary = Layerwise(len(cuts), sum(d.one_step for per_set in steps.values() for _, d in per_set),
+                            sum(d.size for per_set in steps.values() for _, d in per_set), end_to_end.worst.describe())
+        return Verdict(ORT, (*regions.outputs, *jumps), self.tolerance, summary)
 
     def fp32_sensitivity(self) -> list[dict[str, float]]:
         """Per input set and float output: how far the input model's outputs move when its float inputs move by one rounding step."""
@@ -520,6 +584,10 @@ class Verifier:
             self._sensitivity = [fp32_sensitivity(outputs, graph.run(one_rounding_step_away(feed, rng)))
                                  for feed, outputs in zip(self.feeds, self._input_outputs)]
         return self._sensitivity
+
+
+def _quantizer_input(cut: CutPoint) -> str:
+    return f"{cut.name} (quantizer input)"
 
 
 def _one_line(err: BaseException) -> str:

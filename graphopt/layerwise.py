@@ -1,0 +1,259 @@
+"""Layer-wise verification of quantized graphs: each region between quantizers judged on the reference's own integers.
+
+Why graph outputs alone cannot judge a Q/DQ graph: a rewrite that is exact in real arithmetic
+still reorders float operations; a value on a rounding boundary then quantizes one step apart,
+and every later quantized layer amplifies that flip. On a random-weight int8 MixNet an exact
+rewrite moved the outputs by up to 14%, as much as moving the input by one float step does
+(17-38%). A tolerance loose enough to pass the first passes wrong rewrites too; a tight one
+fails exact rewrites.
+
+So the quantizers both graphs share cut them into regions, and each region is judged alone, on
+exactly the reference's inputs. A *cut point* is a QuantizeLinear of a computed tensor whose
+output survives the rewrite: the same name, element type, shape and constant scale and zero
+point in both graphs. The reference runs with every cut point and its quantizer's input marked
+as outputs. The candidate runs with each cut point replaced by a graph input fed the
+reference's integers, while its own quantizer still computes its own integers from its own
+input. Then, per input set:
+
+- each quantizer's input (what the region before it computed) must match the reference's within
+  the model's tolerance, as any output must;
+- its integers may differ by at most one step (a value on a rounding boundary moved by float
+  reordering); how many differ by one step is reported;
+- each graph output, now computed from the reference's integers, must match within the tolerance.
+
+Sound because the regions cover the graph: every op of the candidate lies between cut points
+(or graph inputs) and a cut point or graph output, and is judged on the reference's own values
+there. A region that computes the same real function up to float rounding passes; a wrong one
+(a weight scale or zero point off, channels swapped, a bias dropped) moves its quantizer's input
+by more than rounding wherever the input sets reach it. A quantizer the rewrite removed, renamed,
+reshaped (padded) or re-parameterized is simply not a cut point: its region extends to the next
+one, so nothing is left unjudged. Regions are judged without the fp32-sensitivity allowance:
+that allowance measures chaos between quantizers, which the cuts remove.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphopt.modelio import infer_shapes
+
+OWN_SUFFIX = "__graphopt_own"  # the candidate's own integers at a cut point (its input is the reference's)
+REFERENCE_SUFFIX = "__graphopt_reference"  # a grown cut point's reference part, fed from outside
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A quantizer both graphs share: its output's and its input's names in each graph."""
+
+    name: str  # the reference's
+    candidate_name: str  # the same, or what the rewrite renamed it to (pad-channels: `<name>_padded`)
+    reference_input: str
+    candidate_input: str
+    value_info: onnx.ValueInfoProto  # the reference's quantized tensor type, declared for the injected input
+    # The one axis along which the candidate's tensor is longer (pad-channels' padded channels):
+    # the reference's integers are injected in front, the candidate's own values after them.
+    grown_axis: int | None = None
+    reference_length: int = 0
+
+    def reference_part(self, candidate_value: np.ndarray) -> np.ndarray:
+        """The part of a candidate tensor (the cut point, or its quantizer's input) the reference has."""
+        if self.grown_axis is None:
+            return candidate_value
+        return np.take(candidate_value, np.arange(self.reference_length), axis=self.grown_axis)
+
+
+@dataclass(frozen=True)
+class StepDifferences:
+    """How a cut point's integers differ: elements one step apart, and more than one step apart."""
+
+    one_step: int
+    more: int
+    max_steps: int
+    size: int
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether a QuantizeLinear quantizes a computed tensor (an activation, not a stored weight)."""
+    constants = _constants(model.graph)
+    return any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and n.input[0] not in constants
+               for n in model.graph.node)
+
+
+def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[CutPoint]:
+    """The activation quantizers `candidate` keeps from `reference` unchanged (name, type, shape, parameters)."""
+    ref_graph, cand_graph = infer_shapes(reference).graph, infer_shapes(candidate).graph
+    ref_types, cand_types = _value_infos(ref_graph), _value_infos(cand_graph)
+    ref_constants, cand_constants = _constants(reference.graph), _constants(candidate.graph)
+    cand_by_output = {n.output[0]: n for n in _quantizers(cand_graph)}
+    cand_by_node = {n.name: n for n in _quantizers(cand_graph) if n.name}
+    graph_outputs = {o.name for o in [*ref_graph.output, *cand_graph.output]}
+    graph_inputs = {i.name for i in cand_graph.input}
+    cuts = []
+    for ref_node in _quantizers(ref_graph):
+        name = ref_node.output[0]
+        # Any pairing is sound (each cut point's own value is judged against what is injected
+        # for it); output names pair what survived, node names what a rewrite renamed.
+        cand_node = cand_by_output.get(name) or cand_by_node.get(ref_node.name)
+        if cand_node is None or ref_node.input[0] in ref_constants:
+            continue
+        cand_name = cand_node.output[0]
+        if {name, cand_name} & graph_outputs or cand_name in graph_inputs:
+            continue
+        ref_type, cand_type = ref_types.get(name), cand_types.get(cand_name)
+        grown = None if ref_type is None or cand_type is None else _grown_axis(ref_type.type, cand_type.type)
+        if grown is False:
+            continue
+        if not _same_parameters(ref_node, ref_constants, cand_node, cand_constants):
+            continue
+        if ref_node.input[0] not in ref_types or cand_node.input[0] not in cand_types:
+            continue  # the quantizer's input cannot be marked as an output without its type
+        length = 0 if grown is None else ref_type.type.tensor_type.shape.dim[grown].dim_value
+        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length))
+    return cuts
+
+
+def reference_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.ModelProto:
+    """`model` with every cut point and its quantizer's input as extra outputs."""
+    probe = _copy(model)
+    types = _value_infos(infer_shapes(model).graph)
+    _add_outputs(probe, [types[c.reference_input] for c in cuts] + [types[c.name] for c in cuts])
+    return probe
+
+
+def candidate_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.ModelProto:
+    """`model` with each cut point fed from outside (input `<name>`, or `<name>__graphopt_reference`
+    in front of the candidate's own extra values where it grew); its own quantizer writes
+    `<name>__graphopt_own`, an extra output."""
+    probe = _copy(model)
+    types = _value_infos(infer_shapes(model).graph)
+    own_names = {c.candidate_name: c.name + OWN_SUFFIX for c in cuts}
+    for node in probe.graph.node:
+        if node.op_type == "QuantizeLinear" and node.output[0] in own_names:
+            node.output[0] = own_names[node.output[0]]
+    for cut in cuts:
+        probe.graph.input.append(_renamed(cut.value_info, cut.candidate_name if cut.grown_axis is None else cut.name + REFERENCE_SUFFIX))
+        if cut.grown_axis is not None:
+            _append_reference_in_front(probe.graph, cut)
+    own = [_renamed(types[c.candidate_name], c.name + OWN_SUFFIX) for c in cuts]
+    _add_outputs(probe, [types[c.candidate_input] for c in cuts] + own)
+    return probe
+
+
+def injected_feed(cuts: Sequence[CutPoint], reference_values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The candidate probe's extra inputs: each cut point's reference integers."""
+    return {c.candidate_name if c.grown_axis is None else c.name + REFERENCE_SUFFIX: reference_values[c.name] for c in cuts}
+
+
+def _append_reference_in_front(graph: onnx.GraphProto, cut: CutPoint) -> None:
+    """The candidate's tensor = Concat(reference integers, the candidate's own values past them) along the grown axis."""
+    own, extra = cut.name + OWN_SUFFIX, cut.name + "__graphopt_extra"
+    big = np.iinfo(np.int64).max
+    starts, ends, axes = (cut.name + suffix for suffix in ("__graphopt_starts", "__graphopt_ends", "__graphopt_axes"))
+    graph.initializer.extend([numpy_helper.from_array(np.array([cut.reference_length], np.int64), starts),
+                              numpy_helper.from_array(np.array([big], np.int64), ends),
+                              numpy_helper.from_array(np.array([cut.grown_axis], np.int64), axes)])
+    graph.node.extend([onnx.helper.make_node("Slice", [own, starts, ends, axes], [extra]),
+                       onnx.helper.make_node("Concat", [cut.name + REFERENCE_SUFFIX, extra], [cut.candidate_name], axis=cut.grown_axis)])
+
+
+def step_differences(reference: np.ndarray, candidate: np.ndarray) -> StepDifferences | None:
+    """Integer differences of one quantized tensor; None for types without integer steps (float8)."""
+    if reference.dtype.kind not in "iu" or reference.shape != candidate.shape:
+        return None
+    steps = np.abs(reference.astype(np.int64) - candidate.astype(np.int64))
+    return StepDifferences(int(np.count_nonzero(steps == 1)), int(np.count_nonzero(steps > 1)),
+                           int(steps.max(initial=0)), int(steps.size))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _quantizers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and n.output and n.output[0]]
+
+
+def _constants(graph: onnx.GraphProto) -> Mapping[str, np.ndarray]:
+    """Initializers and Constant-node values by name (only what a quantizer's parameters can be)."""
+    values = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = attr.t
+    return _LazyArrays(values)
+
+
+class _LazyArrays(dict):
+    """Name -> array, converted from TensorProto on first read (a graph's weights are never all read)."""
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        value = super().__getitem__(name)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name: str, default=None):  # noqa: ANN001 (dict's signature)
+        return self[name] if name in self else default
+
+
+def _same_parameters(a: onnx.NodeProto, a_constants: Mapping, b: onnx.NodeProto, b_constants: Mapping) -> bool:
+    """Equal constant scale and zero point, and equal attributes (axis, saturate, output_dtype...)."""
+    if len(a.input) != len(b.input) or sorted(a.attribute, key=lambda x: x.name) != sorted(b.attribute, key=lambda x: x.name):
+        return False
+    for a_name, b_name in zip(a.input[1:], b.input[1:]):
+        if not a_name and not b_name:
+            continue
+        a_value, b_value = a_constants.get(a_name), b_constants.get(b_name)
+        if a_value is None or b_value is None or a_value.dtype != b_value.dtype or not np.array_equal(a_value, b_value):
+            return False
+    return True
+
+
+def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    return {v.name: v for v in [*graph.input, *graph.value_info, *graph.output] if v.type.HasField("tensor_type")}
+
+
+def _grown_axis(reference: onnx.TypeProto, candidate: onnx.TypeProto) -> int | None | bool:
+    """None when both types are one element type and every dimension is known and equal (a number
+    or one symbol); the axis when only that one is longer in the candidate; False otherwise."""
+    ta, tb = reference.tensor_type, candidate.tensor_type
+    if ta.elem_type != tb.elem_type or not ta.HasField("shape") or not tb.HasField("shape") or len(ta.shape.dim) != len(tb.shape.dim):
+        return False
+    grown = None
+    for axis, (da, db) in enumerate(zip(ta.shape.dim, tb.shape.dim)):
+        if da.HasField("dim_param") and db.HasField("dim_param") and da.dim_param == db.dim_param:
+            continue
+        if not (da.HasField("dim_value") and db.HasField("dim_value")) or da.dim_value > db.dim_value:
+            return False
+        if da.dim_value < db.dim_value:
+            if grown is not None:
+                return False
+            grown = axis
+    return grown
+
+
+def _renamed(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    copy.name = name
+    return copy
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    return probe
+
+
+def _add_outputs(model: onnx.ModelProto, infos: Sequence[onnx.ValueInfoProto]) -> None:
+    present = {o.name for o in model.graph.output}
+    for info in infos:
+        if info.name not in present:
+            model.graph.output.append(info)
+            present.add(info.name)
