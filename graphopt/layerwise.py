@@ -117,11 +117,15 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
     return cuts
 
 
+def reference_cut(cut: CutPoint) -> CutPoint:
+    """The cut point as the reference graph has it (to cut the reference in the candidate's form)."""
+    return CutPoint(cut.name, cut.name, cut.reference_input, cut.reference_input, cut.value_info)
+
+
 def reference_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.ModelProto:
-    """`model` with every cut point and its quantizer's input as extra outputs."""
+    """`model` with every cut point as an extra output: the integers both cut graphs are fed."""
     probe = _copy(model)
-    types = _value_infos(infer_shapes(model).graph)
-    _add_outputs(probe, [types[c.reference_input] for c in cuts] + [types[c.name] for c in cuts])
+    _add_outputs(probe, [c.value_info for c in cuts])
     return probe
 
 

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +38,8 @@ from graphopt.errors import OptionError
 from graphopt.inputs import InputSet, InputShapes, default_input_sets, is_float_dtype, quiet_polygraphy
 from graphopt.inputs import parse_input_shapes  # noqa: F401  (the CLI's and tests' entry point, kept here)
 from graphopt.layerwise import (
-    OWN_SUFFIX, CutPoint, StepDifferences, candidate_probe, cut_points, injected_feed, is_quantized, reference_probe, step_differences,
+    OWN_SUFFIX, CutPoint, StepDifferences, candidate_probe, cut_points, injected_feed, is_quantized, reference_cut, reference_probe,
+    step_differences,
 )
 from graphopt.modelio import weights_apart
 from graphopt.report import InputSetRecord
@@ -196,15 +197,19 @@ class Verdict:
 class ScaledErrorCompare:
     """A polygraphy compare_func: `(reference, candidate) -> OrderedDict[name, OutputVerdict]`."""
 
-    def __init__(self, tolerance: Tolerance, noise: Mapping[str, float] | None = None) -> None:
+    def __init__(self, tolerance: Tolerance, noise: Mapping[str, float] | None = None,
+                 compare: Callable[[str, np.ndarray, np.ndarray, Tolerance], OutputVerdict] | None = None) -> None:
         self.tolerance = tolerance
         self.noise = dict(noise or {})  # per output: the reference's fp32 sensitivity on this input set
+        self.compare = compare  # replaces compare_values (tensors only; no noise allowance)
 
     def __call__(self, reference: IterationResult, candidate: IterationResult) -> OrderedDict[str, OutputVerdict]:
         verdicts: OrderedDict[str, OutputVerdict] = OrderedDict()
         for name in reference.keys():
             if name not in candidate:
                 verdicts[name] = OutputVerdict(name, False, reason="missing from the candidate's outputs")
+            elif self.compare is not None:
+                verdicts[name] = self.compare(name, np.asarray(reference[name]), np.asarray(candidate[name]), self.tolerance)
             else:
                 verdicts[name] = compare_values(name, reference[name], candidate[name], self.tolerance, self.noise.get(name, 0.0))
         for name in candidate.keys():
@@ -262,6 +267,27 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance,
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     passed = max_abs <= max(tol.atol + tol.rtol * scale, NOISE_FACTOR * noise)
     return OutputVerdict(name, passed, max_abs, max_rel, scale, noise=noise)
+
+
+# A quantizer's input is judged channel by channel (axis 1), each against its own scale but never
+# one below this share of the tensor's: a wrong weight scale on one channel of many hides under
+# a whole-tensor tolerance (a float16 graph's 1%), and a nearly dead channel's rounding noise
+# must not be judged against its own near-zero scale.
+CHANNEL_SCALE_FLOOR = 1 / 8
+
+
+def compare_channels(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> OutputVerdict:
+    """compare_arrays, then each channel (axis 1) against max(its own scale, CHANNEL_SCALE_FLOOR x the tensor's)."""
+    whole = compare_arrays(name, ref, cand, tol)
+    if not whole.passed or whole.exact or ref.ndim < 2 or whole.scale == 0 or not np.isfinite(ref).all():
+        return whole
+    channel_first = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
+    diff = np.abs(np.moveaxis(cand.astype(np.float64), 1, 0).reshape(ref.shape[1], -1) - channel_first).max(axis=1)
+    scale = np.maximum(np.abs(channel_first).max(axis=1), CHANNEL_SCALE_FLOOR * whole.scale)
+    worst = int(np.argmax(diff / scale))
+    passed = bool(np.all(diff <= tol.atol + tol.rtol * scale))
+    return OutputVerdict(f"{name}" if passed else f"{name} channel {worst}", passed, float(diff[worst]),
+                         float(diff[worst] / scale[worst]), float(scale[worst]))
 
 
 def fp32_sensitivity(reference: Outputs, perturbed: Outputs) -> dict[str, float]:
@@ -418,7 +444,8 @@ def compare_outputs(reference: Outputs, candidate: Outputs, tolerance: Tolerance
 
 
 def compare_sets(reference: Sequence[Outputs], candidate: Sequence[Outputs], tolerance: Tolerance, backend: str,
-                 labels: Sequence[str] | None = None, noise: Sequence[Mapping[str, float]] | None = None) -> Verdict:
+                 labels: Sequence[str] | None = None, noise: Sequence[Mapping[str, float]] | None = None,
+                 compare: Callable[[str, np.ndarray, np.ndarray, Tolerance], OutputVerdict] | None = None) -> Verdict:
     """Judge every input set and keep each output's worst verdict, naming the set (`labels`) it came from.
 
     ScaledErrorCompare is called directly rather than through polygraphy's compare_accuracy,
@@ -429,8 +456,7 @@ def compare_sets(reference: Sequence[Outputs], candidate: Sequence[Outputs], tol
     noise = list(noise) if noise is not None else [{}] * len(reference)
     worst: OrderedDict[str, OutputVerdict] = OrderedDict()
     for ref, cand, label, set_noise in zip(reference, candidate, labels, noise):
-        compare = ScaledErrorCompare(tolerance, set_noise)
-        verdicts = compare(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
+        verdicts = ScaledErrorCompare(tolerance, set_noise, compare)(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
         for name, verdict in verdicts.items():
             verdict = dataclasses.replace(verdict, input_set=label)
             if name not in worst or verdict.worse_than(worst[name]):
@@ -534,13 +560,15 @@ class Verifier:
         """
         labels = [s.label for s in self.input_sets]
         verdict = compare_sets(reference, candidate, self.tolerance, self.backend, labels)
-        numeric_failure = any(not o.passed and o.reason is None for o in verdict.outputs)
-        if verdict.passed or not numeric_failure or self._input_model is None:
+        structural_failure = any(not o.passed and o.reason is not None for o in verdict.outputs)
+        if self._input_model is None or structural_failure:
             return verdict
-        if self.quantized:
-            if reference_model is None or candidate_model is None or self.backend != ORT:
-                return verdict
+        if self.quantized and reference_model is not None and candidate_model is not None and self.backend == ORT:
+            # Even when the outputs agree: a region's error can hide under the output tolerance
+            # (a float16 graph's), and the cuts judge each region at the precision it computes in.
             return self.layerwise(verdict, reference_model, candidate_model)
+        if verdict.passed or self.quantized:
+            return verdict
         return compare_sets(reference, candidate, self.tolerance, self.backend, labels, self.fp32_sensitivity())
 
     @property
@@ -552,22 +580,28 @@ class Verifier:
     def layerwise(self, end_to_end: Verdict, reference_model: onnx.ModelProto, candidate_model: onnx.ModelProto) -> Verdict:
         """Each region between the quantizers both graphs share, judged on the reference's own integers."""
         cuts = cut_points(reference_model, candidate_model)
-        reference_graph = OrtGraph(reference_probe(reference_model, cuts))
+        # The reference is judged in the same cut form as the candidate, not as it ran: ONNX
+        # Runtime computes float16 ops in float32 between Casts it places itself, and where a
+        # graph's inputs and outputs are changes where it rounds (one float16 step).
+        own_cuts = [reference_cut(cut) for cut in cuts]
+        integers_graph = OrtGraph(reference_probe(reference_model, cuts))
+        reference_graph = OrtGraph(candidate_probe(reference_model, own_cuts))
         candidate_graph = OrtGraph(candidate_probe(candidate_model, cuts))
         outputs = [o.name for o in reference_model.graph.output]
         views: tuple[list[Outputs], list[Outputs]] = ([], [])
         steps: dict[str, list[tuple[str, StepDifferences]]] = {c.name: [] for c in cuts}
         for input_set in self.input_sets:
-            ref = reference_graph.run(input_set.feed)
-            cand = candidate_graph.run({**input_set.feed, **injected_feed(cuts, ref)})
+            integers = integers_graph.run(input_set.feed)
+            ref = reference_graph.run({**input_set.feed, **injected_feed(own_cuts, integers)})
+            cand = candidate_graph.run({**input_set.feed, **injected_feed(cuts, integers)})
             views[0].append(OrderedDict([*((n, ref[n]) for n in outputs), *((_quantizer_input(c), ref[c.reference_input]) for c in cuts)]))
             views[1].append(OrderedDict([*((n, cand[n]) for n in outputs),
                                          *((_quantizer_input(c), c.reference_part(cand[c.candidate_input])) for c in cuts)]))
             for cut in cuts:
-                if (differences := step_differences(ref[cut.name], cut.reference_part(cand[cut.name + OWN_SUFFIX]))) is not None:
+                if (differences := step_differences(ref[cut.name + OWN_SUFFIX], cut.reference_part(cand[cut.name + OWN_SUFFIX]))) is not None:
                     steps[cut.name].append((input_set.label, differences))
         labels = [s.label for s in self.input_sets]
-        regions = compare_sets(views[0], views[1], self.tolerance, ORT, labels)
+        regions = compare_sets(views[0], views[1], self.tolerance, ORT, labels, compare=compare_channels)
         jumps = [OutputVerdict(f"{name} (quantized)", False, reason=f"{d.more} of {d.size} quantized values differ by more than one step "
                                f"(up to {d.max_steps})", input_set=label)
                  for name, per_set in steps.items() for label, d in per_set if d.more]
