@@ -269,17 +269,22 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance,
     return OutputVerdict(name, passed, max_abs, max_rel, scale, noise=noise)
 
 
-# A quantizer's input is judged channel by channel (axis 1), each against its own scale but never
-# one below this share of the tensor's: a wrong weight scale on one channel of many hides under
-# a whole-tensor tolerance (a float16 graph's 1%), and a nearly dead channel's rounding noise
-# must not be judged against its own near-zero scale.
-CHANNEL_SCALE_FLOOR = 1 / 8
+# Under a loose tolerance (a float16 graph's 1%) a quantizer's input is also judged channel by
+# channel (axis 1): a weight scale 5% off on one channel of many hides under 1% of the whole
+# tensor's scale. Each channel is judged against its own scale, but never one below this share of
+# the tensor's (a nearly dead channel's rounding noise is not relative to its own near-zero
+# scale). Under float32's 1e-5 the whole tensor's scale already shows such an error, and a channel
+# whose terms cancel has rounding noise near 1e-5 of its own scale, so float32 is judged whole.
+CHANNEL_SCALE_FLOOR = 1 / 64
+CHANNEL_CHECK_MIN_RTOL = 1e-3
 
 
 def compare_channels(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> OutputVerdict:
-    """compare_arrays, then each channel (axis 1) against max(its own scale, CHANNEL_SCALE_FLOOR x the tensor's)."""
+    """compare_arrays, then (under a loose tolerance) each channel (axis 1) against max(its own scale,
+    CHANNEL_SCALE_FLOOR x the tensor's)."""
     whole = compare_arrays(name, ref, cand, tol)
-    if not whole.passed or whole.exact or ref.ndim < 2 or whole.scale == 0 or not np.isfinite(ref).all():
+    if not whole.passed or whole.exact or ref.ndim < 2 or whole.scale == 0 or not np.isfinite(ref).all() \
+            or tol.rtol < CHANNEL_CHECK_MIN_RTOL:
         return whole
     channel_first = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
     diff = np.abs(np.moveaxis(cand.astype(np.float64), 1, 0).reshape(ref.shape[1], -1) - channel_first).max(axis=1)
