@@ -12,9 +12,9 @@ after a pass does counts as that pass's doing, as it does in `graphopt run`. A f
 has no fix; where the passes changed it on the way, its detail says what the pipeline leaves.
 
 pad-channels runs with lint's own target precision (for float32 layers) and int8 alignment,
-`all(pad-channels.precision=int8,pad-channels.int8_align=16)` where they are not its defaults,
+`all(pad-channels.precision=int8,pad-channels.int8-align=16)` where they are not its defaults,
 so the passes align each layer to the multiple its finding names, and a fix names the options
-it needs: `merge-convs,pad-channels(int8_align=16)`.
+it needs: `merge-convs,pad-channels(int8-align=16)`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def pipeline_for(target: TargetPrecision, int8_align: int) -> str:
         return DEFAULT_PIPELINE
     defaults = get_pass(PADDING_PASS).Options()
     options = [f"{PADDING_PASS}.{name}={value}" for name, value, default in
-               (("precision", target, defaults.precision), ("int8_align", int8_align, defaults.int8_align)) if value != default]
+               (("precision", target, defaults.precision), ("int8-align", int8_align, defaults.int8_align)) if value != default]
     return f"{DEFAULT_PIPELINE}({','.join(options)})" if options else DEFAULT_PIPELINE
 
 

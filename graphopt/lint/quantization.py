@@ -138,6 +138,7 @@ def _regions(ctx: LintContext, quantized: list[gs.Node], joins: Callable[[gs.Nod
         # Its layers run int8 for one reason or several: the first layer's is the region's, and any other is said.
         reasons = list(dict.fromkeys(ctx.precision_of(n).decided_by for n in region))
         detail = f"INT8 region of {len(names)} {layers} from {names[0]!r} to {names[-1]!r}, int8 ({'; '.join(reasons)})"
+        # Likeness: a pass that rewrites a layer in place (pad-channels' Slice) renames its output, not the layer.
         findings.append(INT8_REGION.at(names, detail, flops_share=ctx.share(region), subject=tuple(sorted(output_names(*region))),
-                                       precision=ctx.precision_of(region[0])))
+                                       likeness=" ".join(names), precision=ctx.precision_of(region[0])))
     return findings
