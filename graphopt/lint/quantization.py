@@ -18,9 +18,9 @@ Ops are judged in three classes:
 
 A break is a group of float-only ops connected through transparent ops that has dense layers
 both upstream and downstream (in the middle of the network, not in a pre- or post-processing
-tail). For Q/DQ models, a dense layer whose input is not dequantized is a break as well, and the
-INT8 regions themselves are listed: INT8 dense layers joined by paths that cross no float-only
-op. A region's and a float layer's findings name their layer's precision and how it was decided.
+tail). A dense layer that does not run INT8 between INT8 ones is a break as well, and for Q/DQ
+models the INT8 regions themselves are listed: INT8 dense layers joined by paths that cross no
+float-only op. A region's and a float layer's findings name the precision and how it was decided.
 """
 
 from __future__ import annotations
