@@ -26,6 +26,7 @@ from graphopt.errors import EXIT_NOT_EQUIVALENT, EquivalenceError, GraphoptError
 from graphopt.goldens import load_outputs, save_inputs, save_outputs
 from graphopt.inputs import InputSet, graph_inputs, load_input_sets, script_input_sets
 from graphopt.lint import diff_findings, lint_command_impl, lint_model
+from graphopt.lint.findings import PRECISIONS as LINT_PRECISIONS
 from graphopt.pipeline import CANONICALIZER, Pipeline
 from graphopt.registry import available_passes, default_order
 from graphopt.report import INPUT, PassRecord, Report
@@ -217,8 +218,11 @@ def run(model: Path, output: Path | None, passes: str, skip: tuple[str, ...], se
         click.echo(format_summary(report))
         click.echo(f"wrote {output or model}", err=True)
     if show_lint and not quiet:  # the run itself shows what the passes fix: no forecast needed
-        before = lint_model(source, name=model.name, fixes=False)
-        click.echo(diff_findings(before, lint_model(optimized, before.precision, fixes=False)))
+        # Lint judges float32 and int8 layers as the run's pad-channels did (its defaults if it did not run).
+        padding = next((p.options for p in pipeline_passes if p.name == "pad-channels"), None)
+        options = {} if padding is None else {"precision": padding.precision, "int8_align": padding.int8_align}
+        before = lint_model(source, name=model.name, fixes=False, **options)
+        click.echo(diff_findings(before, lint_model(optimized, fixes=False, **options)))
 
 
 def format_summary(report: Report) -> str:
@@ -255,20 +259,23 @@ def format_summary(report: Report) -> str:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp16", "int8"]), default=None,
-              help="Precision the engine is built for [default: int8 if MODEL has Q/DQ nodes, else fp16].")
+@click.option("--precision", type=click.Choice(list(LINT_PRECISIONS)), default=None,
+              help="What float32 layers will run in, as pad-channels' precision option [default: pad-channels' default, fp16]; "
+                   "Q/DQ and float16 layers run in their own types.")
+@click.option("--int8-align", type=click.Choice(["16", "32"]), default=None,
+              help="Channel multiple of an int8 layer, as pad-channels' int8_align option [default: 32].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Also write the findings as JSON (schema in docs/lint.md).")
 @click.option("--no-fixes", is_flag=True,
               help="Do not run the passes (unverified) to learn which fix each finding: faster, and no finding names a fix.")
 @_handle_errors
-def lint(model: Path, precision: str | None, json_path: Path | None, no_fixes: bool) -> None:
+def lint(model: Path, precision: str | None, int8_align: str | None, json_path: Path | None, no_fixes: bool) -> None:
     """Report what keeps TensorRT from running MODEL well, and which passes fix each finding.
 
     Exit status: 0 when the ONNX-TensorRT parser would accept MODEL, 1 when it would reject it,
     2 for bad input.
     """
-    sys.exit(lint_command_impl(model, precision, json_path, fixes=not no_fixes))
+    sys.exit(lint_command_impl(model, precision, json_path, fixes=not no_fixes, int8_align=None if int8_align is None else int(int8_align)))
 
 
 def _step_label(record: PassRecord) -> str:

@@ -2,9 +2,10 @@
 
 TensorRT 11 has no FP16/INT8 builder flags: a layer runs in the types its graph gives it. A Conv
 or linear whose data input and weight both come through DequantizeLinear runs in the quantized
-type (INT8, FP8, INT4); one on float16 (bfloat16) tensors runs FP16 (BF16); a float32 layer runs
-in the pipeline's target precision, what the user will build or convert it to (the `precision`
-option, fp16 by default). pad-channels aligns each layer by this, and lint judges it the same way.
+type (INT8, FP8, INT4), as does a MatMul of two dequantized activations; one on float16
+(bfloat16) tensors runs FP16 (BF16); a float32 layer runs in the pipeline's target precision,
+what the user will build or convert it to (the `precision` option, fp16 by default).
+pad-channels aligns each layer by this, and lint judges it the same way.
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def layer_precision(layer: gs.Node, target: TargetPrecision = "fp16") -> LayerPr
     """The precision `layer` (a Conv, Gemm or MatMul: data input 0, weight input 1) runs in."""
     data = layer.inputs[0]
     # Structure first: reading a float weight's values costs a copy of it, and most layers are float.
-    kernel = weight(layer.inputs[1]) if len(layer.inputs) > 1 and _dequantized(data) and _dequantized(layer.inputs[1]) else None
+    both = len(layer.inputs) > 1 and _dequantized(data) and _dequantized(layer.inputs[1])
+    kernel = weight(layer.inputs[1]) if both else None
     if kernel is not None and kernel.quantized:
         kind = _QUANTIZED_KIND.get(_onnx_type(kernel.quantization.dequantize.inputs[0]))
         if kind is not None:
             return LayerPrecision(kind, "Q/DQ on its input and weight")
+    if both and kernel is None:  # a MatMul of two activations (attention), each quantized
+        kind = _QUANTIZED_KIND.get(_onnx_type(layer.inputs[1].inputs[0].inputs[0]))
+        if kind is not None:
+            return LayerPrecision(kind, "Q/DQ on both its inputs")
     dtype = _onnx_type(data)
     if dtype == onnx.TensorProto.FLOAT16:
         return LayerPrecision("fp16", "float16 tensors")

@@ -143,8 +143,18 @@ def test_lint_prints_findings_and_writes_json(tmp_path):
     result = graphopt_cli("lint", case_path("core/conv_stack"), "--json", report)
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 1 and data["precision"] == "fp16"
+    assert data["schema_version"] == 2 and (data["target_precision"], data["int8_align"]) == ("fp16", 32)
     assert any(f["code"] == "GO-ALIGN-001" for f in data["findings"])  # the 3-channel input, 4-channel output
+
+
+def test_lint_takes_pad_channels_precision_and_int8_align(tmp_path):
+    report = tmp_path / "lint.json"
+    result = graphopt_cli("lint", case_path("core/conv_stack"), "--precision", "int8", "--int8-align", "16", "--no-fixes", "--json", report)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert (data["target_precision"], data["int8_align"]) == ("int8", 16)
+    aligned = [f for f in data["findings"] if f["category"] == "alignment"]
+    assert aligned and {(f["code"], f["precision"]) for f in aligned} == {("GO-ALIGN-002", "int8")}
 
 
 def test_lint_refuses_bad_input_like_run(tmp_path):
@@ -157,7 +167,7 @@ def test_lint_refuses_bad_input_like_run(tmp_path):
 def test_run_with_lint_shows_what_the_rewrite_bought(tmp_path):
     result = graphopt_cli("run", case_path("core/conv_stack"), "-o", tmp_path / "out.onnx", "--lint")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^lint \(fp16\): \d+ findings -> \d+", result.stdout, re.MULTILINE)
+    assert re.search(r"^lint \(float32 layers: fp16\): \d+ findings -> \d+", result.stdout, re.MULTILINE)
 
 
 def test_an_output_that_is_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):

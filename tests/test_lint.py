@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 
 from graphopt import Pipeline
@@ -17,14 +18,16 @@ from graphopt.lint import (
     lint_model, match_findings, merging, parser_support, quantization, trt_parser_ops,
 )
 from graphopt.lint.forecast import pipeline_for
+from graphopt.modelio import infer_shapes
 from graphopt.spec import parse_spec
+from passes.pad_channels import PadChannelsOptions
 from passes.simplify import Simplify
 from tests.fixtures.cases import FIXTURES, load_case
-from tests.fixtures.zoo import load_zoo_model, zoo_names
+from tests.fixtures.zoo import load_typed_model, load_zoo_model, typed_names, zoo_names
 
 REPO = Path(__file__).resolve().parents[1]
 
-# finding code -> (fixture that shows it, fixture that must not, precision)
+# finding code -> (fixture that shows it, fixture that must not, target precision of float32 layers)
 KINDS = {
     "GO-FUSE-001": ("conv_transpose_relu", "conv_relu", "fp16"),
     "GO-FUSE-002": ("conv_hardswish", "conv_relu", "fp16"),
@@ -35,10 +38,10 @@ KINDS = {
     "GO-FUSE-007": ("flatten_gemm_head", "gemm_on_2d_input", "fp16"),
     "GO-FUSE-008": ("conv_times_one_relu", "conv_times_two_relu", "fp16"),
     "GO-QUANT-001": ("qdq_chain", "conv_relu_conv", "int8"),
-    "GO-QUANT-002": ("qdq_chain_with_float_conv", "qdq_chain", "int8"),
+    "GO-QUANT-002": ("qdq_chain_with_float_conv", "qdq_chain", "fp16"),  # target int8 would make its float conv int8
     "GO-QUANT-003": ("squeeze_excite_between_convs", "conv_relu_conv", "int8"),
     "GO-ALIGN-001": ("conv_channels_20", "conv_channels_24", "fp16"),
-    "GO-ALIGN-002": ("conv_channels_24", "conv_channels_48", "int8"),
+    "GO-ALIGN-002": ("conv_channels_24", "conv_channels_48", "fp8"),
     "GO-ALIGN-003": ("conv_channels_48", "conv_channels_64", "int8"),
     "GO-MERGE-001": ("siblings_1x1_and_3x3", "siblings_same_kernel", "fp16"),
     "GO-MERGE-002": ("qdq_siblings_same_kernel", "siblings_same_kernel", "int8"),
@@ -51,8 +54,8 @@ KINDS = {
 }
 
 
-def lint(case: str, precision: str | None = "fp16") -> LintReport:
-    return lint_model(load_case(f"lint/{case}"), precision)
+def lint(case: str, precision: str | None = "fp16", **options) -> LintReport:
+    return lint_model(load_case(f"lint/{case}"), precision, **options)
 
 
 def codes(report: LintReport) -> set[str]:
@@ -74,7 +77,7 @@ def simplified_zoo(name: str) -> onnx.ModelProto:
 def test_every_finding_kind_has_a_fixture_pair():
     declared = {v.code for module in (fusion, quantization, alignment, merging, parser_support)
                 for v in vars(module).values() if isinstance(v, Kind)}
-    declared |= {rule.kind.code for rules in alignment.RULES.values() for rule in rules}
+    declared |= {rule.kind.code for rule in alignment.RULES.values()}
     assert declared == set(KINDS)
 
 
@@ -132,16 +135,17 @@ def test_identity_scale_after_a_conv_is_fixed_by_simplify_which_runs_first():
 def test_alignment_gives_flops_share_and_padding_cost():
     report = lint("conv_channels_20")
     conv1 = next(f for f in report.findings if f.nodes == ("conv1",))
-    assert conv1.rule == alignment.FP16_8.name and conv1.fix_pass == "pad-channels"
+    assert conv1.rule == alignment.ALIGN_8.name and conv1.fix_pass == "pad-channels"
     assert conv1.flops_share == pytest.approx(0.5, rel=1e-3)  # 32->20 and 20->32: equal FLOPs
     assert conv1.extra_flops_share == pytest.approx(0.5 * (24 / 20 - 1), rel=1e-3)
 
 
-def test_int8_alignment_reports_both_rules_and_says_which_one_breaks():
-    assert {(f.code, f.rule) for f in lint("conv_channels_24", "int8").findings} == {
-        ("GO-ALIGN-002", alignment.INT8_16.name), ("GO-ALIGN-003", alignment.INT8_32.name)}
-    assert codes(lint("conv_channels_48", "int8")) == {"GO-ALIGN-003"}
-    assert "pad-channels(align=16)" in {f.fix_pass for f in lint("conv_channels_24", "int8").findings}
+def test_an_int8_layer_is_judged_against_32_or_with_int8_align_16_against_16():
+    assert {(f.code, f.rule) for f in lint("conv_channels_24", "int8").findings} == {("GO-ALIGN-003", alignment.ALIGN_32.name)}
+    assert codes(lint("conv_channels_48", "int8", int8_align=16)) == set()
+    sixteen = lint("conv_channels_24", "int8", int8_align=16).findings
+    assert {(f.code, f.rule) for f in sixteen} == {("GO-ALIGN-002", alignment.ALIGN_16.name)}
+    assert {f.fix_pass for f in sixteen} == {"pad-channels(precision=int8,int8-align=16)"}  # what pad-channels needs to align it
 
 
 def test_padding_pad_channels_would_refuse_has_no_fix():
@@ -155,19 +159,102 @@ def test_unaligned_classifier_head_is_left_alone_when_padding_costs_too_much():
 
 
 def test_unaligned_siblings_are_fixed_by_merging_then_padding():
-    finding = next(f for f in lint("siblings_same_kernel", "int8").findings if f.code == "GO-ALIGN-002")
-    assert finding.nodes == ("expand0",) and finding.fix_pass == "merge-convs,pad-channels(align=16)"
+    finding = next(f for f in lint("siblings_same_kernel", "int8", int8_align=16).findings if f.code == "GO-ALIGN-002")
+    assert finding.nodes == ("expand0",) and finding.fix_pass == "merge-convs,pad-channels(precision=int8,int8-align=16)"
 
 
-def test_precision_defaults_to_int8_for_qdq_models():
-    assert lint("qdq_chain", None).precision == "int8"
-    assert lint("conv_relu", None).precision == "fp16"
+def test_target_precision_and_int8_align_default_to_pad_channels_defaults():
+    report = lint("conv_relu", None)
+    assert (report.target_precision, report.int8_align) == (PadChannelsOptions().precision, PadChannelsOptions().int8_align)
+
+
+def test_a_qdq_layer_runs_int8_whatever_the_target_and_a_float32_layer_runs_the_target():
+    for target in ("fp16", "int8"):
+        layers = lint("qdq_chain_with_float_conv", target).layers
+        assert {name: p.precision for name, p in layers.items()} == {"conv1": "int8", "conv2": "int8", "conv3": target, "conv4": "int8"}
+        assert layers["conv1"].decided_by == "Q/DQ on its input and weight" and "target" in layers["conv3"].decided_by
+
+
+# -- each layer in its own precision -----------------------------------------------------------------
+
+
+def alignment_findings(report: LintReport) -> dict[str, tuple[str, str, int]]:
+    """Layer -> (precision, how it was decided, the multiple its finding asks for)."""
+    aligns = {rule.name: rule.align for rule in alignment.RULES.values()}
+    return {f.nodes[0]: (f.precision, f.decided_by, aligns[f.rule]) for f in report.findings if f.category == "alignment"}
+
+
+INT8_QDQ = "Q/DQ on its input and weight"
+
+
+def test_mixed_model_judges_each_layer_in_its_own_precision_and_says_how_it_was_decided():
+    report = lint("mixed_precision", "fp16", fixes=False)
+    assert alignment_findings(report) == {
+        "conv1": ("int8", INT8_QDQ, 32),  # 16 -> 20: neither a multiple of 32
+        "conv2": ("fp16", "float32 layer: the target precision (fp16)", 8),  # 20 in: not a multiple of 8; 24 out is
+        "conv3": ("int8", INT8_QDQ, 32),  # 24 -> 48
+        "head": ("fp16", "float16 tensors", 8),  # 48 -> 10 classes
+    }
+    conv2 = next(f for f in report.findings if f.nodes == ("conv2",) and f.category == "alignment")
+    assert "runs fp16 (float32 layer: the target precision (fp16))" in conv2.detail and "20 input channels" in conv2.detail
+    assert "24 output" not in conv2.detail
+    assert only(report, "GO-QUANT-002").nodes == ("conv2",)  # a float layer between int8 ones
+
+
+def test_mixed_model_int8_align_and_target_move_only_the_layers_they_apply_to():
+    sixteen = alignment_findings(lint("mixed_precision", "fp16", fixes=False, int8_align=16))
+    assert sixteen == {"conv1": ("int8", INT8_QDQ, 16), "conv2": ("fp16", "float32 layer: the target precision (fp16)", 8),
+                       "conv3": ("int8", INT8_QDQ, 16), "head": ("fp16", "float16 tensors", 8)}
+    int8 = alignment_findings(lint("mixed_precision", "int8", fixes=False))
+    assert int8 == {"conv1": ("int8", INT8_QDQ, 32), "conv2": ("int8", "float32 layer: the target precision (int8)", 32),
+                    "conv3": ("int8", INT8_QDQ, 32), "head": ("fp16", "float16 tensors", 8)}
+
+
+def test_mixed_model_json_gives_each_finding_its_precision_and_each_layer_its_precision():
+    data = json.loads(lint("mixed_precision", "fp16", fixes=False).to_json())
+    assert (data["target_precision"], data["int8_align"]) == ("fp16", 32)
+    assert data["layers"]["head"] == {"precision": "fp16", "decided_by": "float16 tensors"}
+    head = next(f for f in data["findings"] if f["nodes"] == ["head"])
+    assert (head["precision"], head["decided_by"], head["code"]) == ("fp16", "float16 tensors", "GO-ALIGN-001")
+
+
+def test_the_forecast_pads_with_lints_own_precision_and_int8_align():
+    # conv3's 48 outputs pad to 64 at int8's 32 (+33%, within max-overhead), and need nothing at 16
+    by_align = {align: lint("mixed_precision", "fp16", int8_align=align) for align in (32, 16)}
+    [conv3] = [f for f in by_align[32].findings if f.nodes == ("conv3",) and f.category == "alignment"]
+    assert "after `all`" in conv3.detail and "24 input channels" in conv3.detail.split("after `all`")[1]
+    assert "48 output" not in conv3.detail.split("after `all`")[1]  # pad-channels padded it to 64 as lint asked
+    [conv3] = [f for f in by_align[16].findings if f.nodes == ("conv3",) and f.category == "alignment"]
+    assert conv3.fix_pass is None and "48 output" not in conv3.detail  # 24 in, from conv2, which runs fp16 and aligns to 8
+
+
+typed_model = functools.cache(load_typed_model)
+
+
+@pytest.mark.parametrize("options", [{"precision": "fp16", "int8_align": 32}, {"precision": "int8", "int8_align": 16}],
+                         ids=lambda o: f"{o['precision']}-{o['int8_align']}")
+@pytest.mark.parametrize("name", typed_names())
+def test_lint_and_pad_channels_agree_on_the_precision_of_every_conv_of_the_typed_corpus(name, options):
+    model = typed_model(name)
+    linted = {layer: f"{p.precision} ({p.decided_by})" for layer, p in lint_model(model, fixes=False, **options).layers.items()}
+    # Every conv, as pad-channels judges it on the canonical graph it is handed ...
+    pad_options = PadChannelsOptions(max_overhead=100.0, **options)  # every unaligned conv it can pad is a site
+    canonical = gs.import_onnx(infer_shapes(Pipeline([], verify=False).run(model)[0]))
+    convs = [n for n in canonical.nodes if n.op == "Conv"]
+    judged = {conv.name: (lambda align, p: f"{p.precision} ({p.decided_by})")(*pad_options.layer_alignment(conv)) for conv in convs}
+    assert convs and {conv: linted.get(conv) for conv in judged} == judged
+    # ... and as its report says for every conv it padded.
+    spec = f"pad-channels(precision={pad_options.precision},int8_align={pad_options.int8_align},max_overhead={pad_options.max_overhead})"
+    _, run = Pipeline(parse_spec(spec), verify=False).run(model)
+    [record] = [r for r in run.passes if r.name == "pad-channels"]
+    padded = {conv: precision for site in record.details for conv, precision in site["precision"].items()}
+    assert {conv: linted.get(conv) for conv in padded} == padded
 
 
 # -- quantization continuity -------------------------------------------------------------------------
 
 
-def test_quantization_is_judged_for_int8_only():
+def test_quantization_is_judged_only_where_layers_run_int8():
     assert not {c for c in codes(lint("squeeze_excite_between_convs", "fp16")) if c.startswith("GO-QUANT")}
 
 
@@ -178,9 +265,16 @@ def test_float_only_gate_names_its_ops_and_the_flops_around_it():
 
 
 def test_qdq_model_lists_its_int8_regions_and_the_float_conv_between_them():
-    report = lint("qdq_chain_with_float_conv", "int8")
+    report = lint("qdq_chain_with_float_conv", "fp16")
     assert [f.nodes for f in report.findings if f.code == "GO-QUANT-001"] == [("conv1", "conv2"), ("conv4",)]
-    assert only(report, "GO-QUANT-002").nodes == ("conv3",)
+    float_conv = only(report, "GO-QUANT-002")
+    assert float_conv.nodes == ("conv3",) and float_conv.precision == "fp16" and "target" in float_conv.decided_by
+
+
+def test_a_float32_conv_with_target_int8_joins_the_int8_region_around_it():
+    report = lint("qdq_chain_with_float_conv", "int8")
+    assert [f.nodes for f in report.findings if f.code == "GO-QUANT-001"] == [("conv1", "conv2", "conv3", "conv4")]
+    assert "GO-QUANT-002" not in codes(report)
 
 
 # -- merging -----------------------------------------------------------------------------------------
@@ -402,21 +496,21 @@ def test_all_never_leaves_more_findings_of_a_kind_than_it_was_given(code):
         assert after <= before, f"{case}: {before} -> {after} {code}"
 
 
-# fixture, precision: each has findings whose fix a pass makes
-FIXABLE = [("conv_noop_reshape_relu", "fp16"), ("pad_zero_conv", "fp16"), ("reduce_mean_over_hw", "fp16"),
-           ("flatten_gemm_head", "fp16"), ("conv_times_one_relu", "fp16"), ("conv_channels_20", "fp16"),
-           ("conv_channels_24", "int8"), ("siblings_same_kernel", "int8"), ("siblings_1x1_and_3x3", "fp16"),
-           ("repvgg_blocks", "fp16")]
+# fixture, target precision, int8 alignment: each has findings whose fix a pass makes
+FIXABLE = [("conv_noop_reshape_relu", "fp16", 32), ("pad_zero_conv", "fp16", 32), ("reduce_mean_over_hw", "fp16", 32),
+           ("flatten_gemm_head", "fp16", 32), ("conv_times_one_relu", "fp16", 32), ("conv_channels_20", "fp16", 32),
+           ("conv_channels_24", "int8", 32), ("siblings_same_kernel", "int8", 16), ("siblings_1x1_and_3x3", "fp16", 32),
+           ("repvgg_blocks", "fp16", 32), ("mixed_precision", "int8", 32)]
 
 
-@pytest.mark.parametrize(("case", "precision"), FIXABLE)
-def test_the_fix_a_finding_names_resolves_it_when_run_with_its_defaults(case, precision):
+@pytest.mark.parametrize(("case", "precision", "int8_align"), FIXABLE)
+def test_the_fix_a_finding_names_resolves_it_when_run_with_its_defaults(case, precision, int8_align):
     model = load_case(f"lint/{case}")
-    report = lint_model(model, precision)
+    report = lint_model(model, precision, int8_align=int8_align)
     fixes = {f.fix_pass for f in report.findings if f.fix_pass}
     assert fixes, f"{case}: no finding has a fix"
     for spec in fixes:
-        after = lint_model(run_unverified(model, spec), precision, fixes=False)
+        after = lint_model(run_unverified(model, spec), precision, fixes=False, int8_align=int8_align)
         promised = [f for f in report.findings if f.fix_pass == spec]
         assert not [f for f in kept_after(report, after) if f in promised], f"{spec} left findings it was named for"
 
@@ -439,7 +533,7 @@ def test_a_finding_without_a_fix_is_one_all_leaves(case, precision):
     unfixed = [f for f in report.findings if f.fix_pass is None and f.code != "GO-PARSE-006"]
     assert unfixed
     for finding in unfixed:
-        after = lint_model(run_unverified(model, pipeline_for(finding, precision)), precision, fixes=False)
+        after = lint_model(run_unverified(model, pipeline_for(precision, 32)), precision, fixes=False)
         assert left_of(finding, report, after), f"{finding.code} {finding.nodes}: `all` resolved it"
 
 
@@ -447,7 +541,8 @@ def test_narrow_siblings_merged_into_a_conv_pad_channels_declines_have_no_fix():
     report = lint("narrow_heads")
     heads = [f for f in report.findings if f.code == "GO-ALIGN-001"]
     assert [f.nodes for f in heads] == [("box",), ("obj",)] and all(f.fix_pass is None for f in heads)
-    assert all("after `all`: Conv 'box_merged' has 5 output channels" in f.detail and "max-overhead 0.5" in f.detail for f in heads)
+    merged = "after `all`: Conv 'box_merged' runs fp16 (float32 layer: the target precision (fp16)) and has 5 output channels"
+    assert all(merged in f.detail and "max-overhead 0.5" in f.detail for f in heads)
 
 
 def test_branches_summed_by_an_add_are_fixed_by_reparameterize_not_merge_convs():
@@ -477,7 +572,7 @@ def test_a_layer_a_pass_turns_into_another_op_keeps_its_alignment_finding():
 
 
 def test_findings_pair_by_subject_whatever_their_nodes_are_called():
-    kind = alignment.FP16_8.kind
+    kind = alignment.ALIGN_8.kind
     old = [kind.at(["conv"], "a", subject=("x", "y")), kind.at(["gone"], "b", subject=("x", "z"))]
     new = [kind.at(["conv_renamed"], "a", subject=("x", "y")), kind.at(["other"], "c", subject=("w", "v"))]
     diff = match_findings(old, new)
@@ -521,9 +616,10 @@ def test_the_passes_a_fix_names_fix_it_on_their_own_on_raw_exporter_output(name)
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["det_head", "squeezenet1_0"])
-def test_int8_alignment_fixes_name_the_alignment_and_keep_their_promise(name):
-    report = linted_zoo(name, "int8")
-    for pipeline in {pipeline_for(f, "int8") for f in report.findings if f.fix_pass}:
-        after = lint_model(optimized_zoo(name, pipeline), "int8", fixes=False)
-        promised = [f for f in report.findings if f.fix_pass and pipeline_for(f, "int8") == pipeline]
-        assert promised and not [f for f in kept_after(report, after) if f in promised]
+@pytest.mark.parametrize("int8_align", [16, 32])
+def test_int8_alignment_fixes_name_the_alignment_and_keep_their_promise(name, int8_align):
+    report = lint_model(zoo_model(name), "int8", int8_align=int8_align)
+    after = lint_model(optimized_zoo(name, pipeline_for("int8", int8_align)), "int8", fixes=False, int8_align=int8_align)
+    promised = [f for f in report.findings if f.fix_pass]
+    assert promised and not [f for f in kept_after(report, after) if f in promised]
+    assert all(f"int8-align={int8_align}" in f.fix_pass for f in promised if "pad-channels" in f.fix_pass) == (int8_align == 16)

@@ -68,3 +68,27 @@ def test_a_float16_conv_runs_fp16_whatever_the_target():
 def test_a_float32_conv_runs_in_the_target_precision(target, align):
     found = precision_of_conv(conv_model(), target=target)
     assert found.precision == target and found.alignment() == align and "target" in found.decided_by
+
+
+def test_a_matmul_of_two_dequantized_activations_runs_int8_and_of_float_ones_the_target():
+    """Attention's MatMul has no weight: Q/DQ on both activations decides it, as Q/DQ on input and weight does a Conv's."""
+    def matmul(quantized: bool) -> onnx.ModelProto:
+        nodes, b = [], "b"
+        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"), helper.make_tensor("zero", TensorProto.INT8, [], [0])]
+        a = "a"
+        if quantized:
+            nodes = [helper.make_node("QuantizeLinear", [t, "scale", "zero"], [f"{t}q"]) for t in "ab"]
+            nodes += [helper.make_node("DequantizeLinear", [f"{t}q", "scale", "zero"], [f"{t}d"]) for t in "ab"]
+            a, b = "ad", "bd"
+        nodes.append(helper.make_node("MatMul", [a, b], ["y"], name="matmul"))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(t, TensorProto.FLOAT, [4, 4]) for t in "ab"],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+    def precision(model):
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+        return layer_precision(next(n for n in graph.nodes if n.op == "MatMul"), "fp16")
+
+    found = precision(matmul(True))
+    assert (found.precision, found.decided_by) == ("int8", "Q/DQ on both its inputs")
+    assert precision(matmul(False)).precision == "fp16"

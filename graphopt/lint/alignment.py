@@ -1,20 +1,23 @@
 """Alignment: Conv and Gemm/MatMul layers whose channel counts Tensor Core kernels handle badly.
 
-Tensor Core convolution and GEMM kernels read channels in fixed-width vectors. The rules, and
-where each comes from:
+Tensor Core convolution and GEMM kernels read channels in fixed-width vectors, whose width
+depends on the precision the layer runs in. Each layer is judged by its own precision, read from
+the graph by graphopt.precision exactly as pad-channels reads it (Q/DQ on input and weight ->
+int8 or fp8, float16 tensors -> fp16, float32 -> the target `precision`), and its finding says
+which precision and how it was decided. The multiples, and where each comes from:
 
-- fp16, multiple of 8 (GO-ALIGN-001): TensorRT's engine lint (trex `lint.py`, alignment_lint)
-  checks input and output channels of FP16 convolutions against 8.
-- int8, multiple of 16 (GO-ALIGN-002): the same engine lint's rule for INT8.
-- int8, multiple of 32 (GO-ALIGN-003): the rule the course teaches, after TensorRT's INT8
-  vectorized format kCHW32. Both INT8 rules are reported, each under its own code.
+- 8 (GO-ALIGN-001), fp16/bf16: TensorRT's engine lint (trex `lint.py`, alignment_lint) checks
+  input and output channels of FP16 convolutions against 8 (FP16's kHWC8 format).
+- 16 (GO-ALIGN-002), fp8, and int8 with `int8_align=16`: the same engine lint's rule for INT8.
+- 32 (GO-ALIGN-003), int8 by default: TensorRT's INT8 vectorized format kCHW32.
 
 Each finding gives the layer's share of the model's FLOPs and what padding its unaligned counts
 would add. Measured on an H100 (shared/evidence/h100-conv-probe.md), padding pays where a count
 is not a multiple of 8 and gains nothing beyond that, so layers carrying under
 SMALL_LAYER_SHARE of the FLOPs are reported as info, not warnings. Whether a pass aligns the
-layer is not decided here: lint's forecast asks the passes (forecast.py). The hints below only
-explain a layer the forecast finds left unaligned.
+layer is not decided here: lint's forecast asks the passes (forecast.py), running pad-channels
+with lint's own target precision and int8 alignment. The hints below only explain a layer the
+forecast finds left unaligned.
 """
 
 from __future__ import annotations
@@ -50,22 +53,22 @@ def _kind(code: str, name: str, why: str, reference: str) -> Kind:
     return Kind(code, name, "alignment", "warning", why, reference)
 
 
-FP16_8 = Rule(_kind(
+ALIGN_8 = Rule(_kind(
     "GO-ALIGN-001", "channels-not-multiple-of-8",
     "TensorRT's FP16 Tensor Core kernels read channels in vectors of 8, so a count that is not a "
     "multiple of 8 falls back to slower kernels or pays for reformatting and padding at run time.",
-    TREX_LINT), 8, "fp16: multiple of 8 (TensorRT engine lint)")
-INT8_16 = Rule(_kind(
+    TREX_LINT), 8, "multiple of 8 (fp16/bf16: TensorRT engine lint, kHWC8)")
+ALIGN_16 = Rule(_kind(
     "GO-ALIGN-002", "channels-not-multiple-of-16",
     "TensorRT's INT8 Tensor Core kernels want channels in multiples of 16 (NVIDIA's engine lint "
-    "rule); other counts fall back to slower kernels or padded reformats.",
-    TREX_LINT), 16, "int8: multiple of 16 (TensorRT engine lint)")
-INT8_32 = Rule(_kind(
+    "rule), as graphopt takes FP8's to be; other counts fall back to slower kernels or padded reformats.",
+    TREX_LINT), 16, "multiple of 16 (int8 with int8-align=16: TensorRT engine lint; fp8)")
+ALIGN_32 = Rule(_kind(
     "GO-ALIGN-003", "channels-not-multiple-of-32",
     "TensorRT's fastest INT8 convolutions use the 32-channel vectorized format kCHW32, so a count "
-    "that is not a multiple of 32 is padded at run time or takes a slower kernel (the course's rule).",
-    TENSOR_FORMATS), 32, "int8: multiple of 32 (course, kCHW32)")
-RULES = {"fp16": (FP16_8,), "int8": (INT8_16, INT8_32)}
+    "that is not a multiple of 32 is padded at run time or takes a slower kernel.",
+    TENSOR_FORMATS), 32, "multiple of 32 (int8: kCHW32)")
+RULES = {rule.align: rule for rule in (ALIGN_8, ALIGN_16, ALIGN_32)}  # by a layer's alignment
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,12 @@ def check(ctx: LintContext) -> list[Finding]:
     layers, unknown = dense_layers(ctx.graph)
     if unknown:
         ctx.notes.append(f"alignment: {len(unknown)} layers have channel counts that are not known statically: {', '.join(unknown[:5])}")
-    findings = []
-    for rule in RULES[ctx.precision]:
-        found = [f for layer in layers if (f := _judge(ctx, layer, rule)) is not None]
+    findings = [f for layer in layers if (f := _judge(ctx, layer, RULES[ctx.alignment_of(layer.node)])) is not None]
+    for rule in RULES.values():
+        found = [f for f in findings if f.rule == rule.name]
         if found:
             share = sum(f.flops_share or 0.0 for f in found)
             ctx.notes.append(f"alignment ({rule.name}): {len(found)} layers with {share:.1%} of the FLOPs")
-        findings += found
     return findings
 
 
@@ -122,15 +124,17 @@ def _judge(ctx: LintContext, layer: Layer, rule: Rule) -> Finding | None:
     if not (bad_in or bad_out):
         return None
     node = layer.node
+    precision = ctx.precision_of(node)
     parts = ([_channels(layer.c_in, "input")] if bad_in else []) + ([_channels(layer.c_out, "output")] if bad_out else [])
-    detail = f"{node.op} {node.name!r} has {' and '.join(parts)}, not a multiple of {align}"
+    detail = (f"{node.op} {node.name!r} runs {precision.precision} ({precision.decided_by}) and has "
+              f"{' and '.join(parts)}, not a multiple of {align}")
     share = ctx.share([node])
     severity = "info" if share is None or share < SMALL_LAYER_SHARE else "warning"
     counts = ([layer.c_in] if bad_in else []) + ([layer.c_out] if bad_out else [])
     return rule.kind.at(
         [node.name], detail, severity=severity, flops_share=share, extra_flops_share=_cost(ctx, [node], counts, align),
         rule=rule.name, subject=(view_source(node.inputs[0]).name, view_target(node.outputs[0]).name),
-        likeness=f"{layer.c_in} in, {layer.c_out} out", hint=_hint(layer, align, bad_in, bad_out),
+        likeness=f"{layer.c_in} in, {layer.c_out} out", hint=_hint(ctx, layer, align, bad_in, bad_out), precision=precision,
     )
 
 
@@ -138,7 +142,7 @@ def _channels(count: int, side: str) -> str:
     return f"{count} {side} channel{'' if count == 1 else 's'}"
 
 
-def _hint(layer: Layer, align: int, bad_in: bool, bad_out: bool) -> str | None:
+def _hint(ctx: LintContext, layer: Layer, align: int, bad_in: bool, bad_out: bool) -> str | None:
     """Why pad-channels may leave the layer unaligned (shown only when the forecast says it does)."""
     node = layer.node
     if node.op != "Conv":
@@ -148,7 +152,7 @@ def _hint(layer: Layer, align: int, bad_in: bool, bad_out: bool) -> str | None:
         hints.append("pad-channels does not pad grouped convs")
     elif bad_out and (overhead := _overhead([layer.c_out], align)) > (limit := pad_default("max_overhead")):
         hints.append(f"padding adds {overhead:.0%} to the layer, over pad-channels' max-overhead {limit:g}")
-    if bad_in and not _input_padded(node, align):
+    if bad_in and not _input_padded(ctx, node):
         hints.append(f"its input channels come from {_input_origin(node)}")
     return "; ".join(hints) or None
 
@@ -170,16 +174,17 @@ def _cost(ctx: LintContext, layers: list[gs.Node], counts: list[int], align: int
     return flops * _overhead(counts, align) / ctx.total_flops
 
 
-def _input_padded(node: gs.Node, align: int) -> bool:
+def _input_padded(ctx: LintContext, node: gs.Node) -> bool:
     """Whether pad-channels pads the Conv that produces this layer's input channels.
 
-    It may for a plain Conv that padding grows by at most its max_overhead.
+    It may for a plain Conv that padding to its own precision's multiple grows by at most its
+    max_overhead.
     """
     source = _input_conv(node)
     if source is None or int_attr(source, "group", 1) != 1:
         return False
     weight = static_shape(source.inputs[1])
-    return weight is not None and _overhead([weight[0]], align) <= pad_default("max_overhead")
+    return weight is not None and _overhead([weight[0]], ctx.alignment_of(source)) <= pad_default("max_overhead")
 
 
 def _input_conv(node: gs.Node) -> gs.Node | None:

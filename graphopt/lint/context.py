@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import flops, modelio
 from graphopt.graphs import DEFAULT_DOMAINS, constant_value
-from graphopt.lint.findings import Precision
+from graphopt.precision import LayerPrecision, TargetPrecision, layer_precision
 from graphopt.registry import get_pass
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -39,11 +39,22 @@ _IDENTITY_HOPS = 16
 @dataclass
 class LintContext:
     graph: gs.Graph
-    precision: Precision
+    target: TargetPrecision  # what a float32 layer runs in (pad-channels' `precision` option)
+    int8_align: int  # an int8 layer's channel multiple (pad-channels' `int8_align` option)
     layer_flops: dict[str, int]
     total_flops: int
     has_qdq: bool
     notes: list[str] = field(default_factory=list)
+    precisions: dict[str, LayerPrecision] = field(default_factory=dict)  # of the layers asked about
+
+    def precision_of(self, layer: gs.Node) -> LayerPrecision:
+        """The precision `layer` (a dense layer) runs in, read from the graph as pad-channels reads it."""
+        if layer.name not in self.precisions:
+            self.precisions[layer.name] = layer_precision(layer, self.target)
+        return self.precisions[layer.name]
+
+    def alignment_of(self, layer: gs.Node) -> int:
+        return self.precision_of(layer).alignment(self.int8_align)
 
     def share(self, nodes: Iterable[gs.Node]) -> float | None:
         """The nodes' part of the model's dense-layer FLOPs, or None when FLOPs are unknown."""
@@ -55,13 +66,16 @@ class LintContext:
         return self.layer_flops.get(node.name, 0)
 
 
-def build_context(model: onnx.ModelProto, precision: Precision) -> LintContext:
-    """Infer shapes into `model` (lint_model's own copy, with named nodes) and index it."""
+def build_context(model: onnx.ModelProto, target: TargetPrecision, int8_align: int = 32) -> LintContext:
+    """Infer shapes into `model` (lint_model's own copy, with named nodes) and index it.
+
+    Types are inferred too: a layer's precision is read from its tensors' types.
+    """
     _take_shapes(model, infer_shapes_lightly(model))
     per_layer = flops_by_node(infer_shapes_lightly(model, unit_dims=True))
     graph = gs.import_onnx(model)
     has_qdq = any(n.op in QDQ_OPS for n in graph.nodes)
-    return LintContext(graph, precision, per_layer, sum(per_layer.values()), has_qdq)
+    return LintContext(graph, target, int8_align, per_layer, sum(per_layer.values()), has_qdq)
 
 
 def infer_shapes_lightly(model: onnx.ModelProto, unit_dims: bool = False) -> onnx.ModelProto:

@@ -2,7 +2,9 @@
 
 A `Kind` is one class of problem: a stable code (`GO-ALIGN-001`), a name, a severity and the
 one sentence on why TensorRT runs it worse. Each check module declares its kinds and calls
-`kind.at(...)` for every site it finds. The JSON schema is documented in docs/lint.md; bump
+`kind.at(...)` for every site it finds; a finding whose rule depends on a layer's precision
+(alignment, INT8 regions) carries that layer's `LayerPrecision`, read from the graph by
+graphopt.precision as pad-channels reads it. The JSON schema is documented in docs/lint.md; bump
 `SCHEMA_VERSION` whenever a field changes meaning or disappears (adding a field does not).
 
 A finding's `subject` says what it is about in terms a rewrite keeps: tensor names (a pass may
@@ -21,16 +23,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from graphopt.lint import trt_parser_ops
+from graphopt.precision import LayerPrecision, TargetPrecision
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-finding precision and decided_by; the report's target_precision and int8_align
 
 Severity = Literal["error", "warning", "info"]
 # error: the TensorRT parser rejects the model; warning: it builds, but slower than it could;
 # info: worth knowing (a rewrite graphopt offers, a profile the engine will need).
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 
-Precision = Literal["fp16", "int8"]
-PRECISIONS: tuple[Precision, ...] = ("fp16", "int8")
+# What a float32 layer will run in (the user converts or quantizes it); quantized and float16
+# layers run in their own types. The same choice as pad-channels' `precision` option.
+PRECISIONS: tuple[TargetPrecision, ...] = ("fp16", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,14 @@ class Kind:
         subject: Sequence[str] = (),
         likeness: str | None = None,
         hint: str | None = None,
+        precision: LayerPrecision | None = None,
     ) -> Finding:
         return Finding(
             code=self.code, name=self.name, category=self.category, severity=severity or self.severity,
             nodes=tuple(nodes), detail=detail, why=self.why, fix_pass=fix_pass, flops_share=flops_share,
             extra_flops_share=extra_flops_share, rule=rule, reference=self.reference, subject=tuple(subject),
-            likeness=likeness, hint=hint,
+            likeness=likeness, hint=hint, precision=None if precision is None else precision.precision,
+            decided_by=None if precision is None else precision.decided_by,
         )
 
 
@@ -79,6 +85,8 @@ class Finding:
     rule: str | None = None  # the rule broken, where a kind has several (alignment)
     reference: str | None = None
     subject: tuple[str, ...] = ()  # what it is about: tensor names (or an input, an opset) a rewrite keeps
+    precision: str | None = None  # the layer's, for findings about one layer's precision: int8, fp8, fp16, ...
+    decided_by: str | None = None  # how graphopt.precision decided it: "Q/DQ on its input and weight", ...
     # Not in the JSON: a name-free description that pairs a finding whose tensors a pass renamed
     # (a Gemm that became a Conv of the same channels), and why a pass may leave it.
     likeness: str | None = field(default=None, repr=False)
@@ -100,10 +108,12 @@ class Finding:
 @dataclass
 class LintReport:
     model: str
-    precision: Precision
+    target_precision: TargetPrecision  # what float32 layers run in
+    int8_align: int  # the channel multiple of an int8 layer: 32 or 16
     total_flops: int
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the lint could not judge, and summaries
+    layers: dict[str, LayerPrecision] = field(default_factory=dict)  # every dense layer's precision
 
     def count(self, severity: Severity) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -119,7 +129,8 @@ class LintReport:
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
-            "precision": self.precision,
+            "target_precision": self.target_precision,
+            "int8_align": self.int8_align,
             "parser": {
                 "name": trt_parser_ops.PARSER,
                 "version": trt_parser_ops.PARSER_VERSION,
@@ -129,6 +140,7 @@ class LintReport:
             "total_flops": self.total_flops,
             "summary": {severity: self.count(severity) for severity in SEVERITIES} | {"by_code": dict(sorted(self.codes().items()))},
             "notes": list(self.notes),
+            "layers": {name: {"precision": p.precision, "decided_by": p.decided_by} for name, p in self.layers.items()},
             "findings": [f.to_dict() for f in self.findings],
         }
 

@@ -11,10 +11,10 @@ passes that touched it, in pipeline order (`merge-convs,pad-channels`); what the
 after a pass does counts as that pass's doing, as it does in `graphopt run`. A finding left over
 has no fix; where the passes changed it on the way, its detail says what the pipeline leaves.
 
-The int8 alignment rules (multiples of 16 and of 32) are met only by pad-channels with that
-alignment, so for their findings the pipeline is `all(pad-channels.align=16)` or
-`all(pad-channels.align=32)`, and the fix names the option; the other int8 findings follow the
-second. fp16 findings follow plain `all`.
+pad-channels runs with lint's own target precision (for float32 layers) and int8 alignment,
+`all(pad-channels.precision=int8,pad-channels.int8-align=16)` where they are not its defaults,
+so the passes align each layer to the multiple its finding names, and a fix names the options
+it needs: `merge-convs,pad-channels(int8-align=16)`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from graphopt.lint import alignment
-from graphopt.lint.findings import Finding, FindingsDiff, Precision, match_findings
+from graphopt.lint.findings import Finding, FindingsDiff, match_findings
+from graphopt.precision import TargetPrecision
 from graphopt.pipeline import Pipeline
 from graphopt.registry import default_order, get_pass
 from graphopt.report import INPUT, PassRecord
@@ -57,32 +57,27 @@ class Trail:
     last_seen: list[tuple[int, int]]  # (stage, finding) it was last seen as, before it was resolved
 
 
-def pipeline_for(finding: Finding, precision: Precision) -> str:
-    """The pipeline that can fix this finding: `all`, or `all` padding to an alignment rule."""
-    rules = alignment.RULES[precision]
-    rule = next((r for r in rules if r.name == finding.rule), rules[-1])  # others: the strictest rule
-    if PADDING_PASS not in default_order() or rule.align == get_pass(PADDING_PASS).Options().alignment:
+def pipeline_for(target: TargetPrecision, int8_align: int) -> str:
+    """`all`, with pad-channels given lint's target precision and int8 alignment (where not its defaults)."""
+    if PADDING_PASS not in default_order():
         return DEFAULT_PIPELINE
-    return f"{DEFAULT_PIPELINE}({PADDING_PASS}.align={rule.align})"
+    defaults = get_pass(PADDING_PASS).Options()
+    options = [f"{PADDING_PASS}.{name}={value}" for name, value, default in
+               (("precision", target, defaults.precision), ("int8-align", int8_align, defaults.int8_align)) if value != default]
+    return f"{DEFAULT_PIPELINE}({','.join(options)})" if options else DEFAULT_PIPELINE
 
 
-def forecast_fixes(model: onnx.ModelProto, findings: Sequence[Finding], precision: Precision, lint: Lint,
+def forecast_fixes(model: onnx.ModelProto, findings: Sequence[Finding], pipeline: str, lint: Lint,
                    notes: list[str]) -> list[Finding]:
-    """`findings` (of `model`) with the fix the passes give each, or with why they leave it."""
+    """`findings` (of `model`) with the fix `pipeline` gives each, or with why it leaves them."""
     findings = list(findings)
-    chosen = [pipeline_for(f, precision) for f in findings]
-    pipelines = sorted(set(chosen))
-    runs = {pipeline: _stages(model, findings, pipeline, lint) for pipeline in pipelines}
-    result = list(findings)
-    for pipeline in pipelines:
-        trails = {i: _follow(i, findings, runs[pipeline]) for i, p in enumerate(chosen) if p == pipeline}
-        # Findings merged into one (siblings into a merged Conv) share the cost of fixing it.
-        sharers = Counter(seen for trail in trails.values() if not trail.left for seen in trail.last_seen)
-        for i, trail in trails.items():
-            result[i] = _with_fix(findings[i], trail, runs[pipeline], sharers, pipeline)
-    changed = dict.fromkeys(s.step for stages in runs.values() for s in stages)
-    notes.append(f"fixes: lint ran {' and '.join(f'`{p}`' for p in pipelines) or 'no pipeline'} without verification; "
-                 f"passes that changed the model: {', '.join(changed) or 'none'}")
+    stages = _stages(model, findings, pipeline, lint)
+    trails = [_follow(i, findings, stages) for i in range(len(findings))]
+    # Findings merged into one (siblings into a merged Conv) share the cost of fixing it.
+    sharers = Counter(seen for trail in trails if not trail.left for seen in trail.last_seen)
+    result = [_with_fix(finding, trail, stages, sharers, pipeline) for finding, trail in zip(findings, trails)]
+    changed = dict.fromkeys(s.step for s in stages)
+    notes.append(f"fixes: lint ran `{pipeline}` without verification; passes that changed the model: {', '.join(changed) or 'none'}")
     return result
 
 

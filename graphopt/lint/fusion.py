@@ -94,7 +94,7 @@ def check(ctx: LintContext) -> list[Finding]:
     findings: list[Finding] = []
     for conv in nodes_with_op(graph, "Conv"):
         findings += _layout_op_between(graph, conv)
-        findings += _qdq_after(conv)
+        findings += _qdq_after(ctx, conv)
     for layer in graph.nodes:
         if is_weighted(layer):
             findings += _composite_activation(layer)
@@ -238,7 +238,8 @@ def _pad_value(pad: gs.Node) -> float | None:
 # -- 4. Q/DQ between a Conv and its activation or residual Add ------------------------------------
 
 
-def _qdq_after(conv: gs.Node) -> list[Finding]:
+def _qdq_after(ctx: LintContext, conv: gs.Node) -> list[Finding]:
+    """The finding names the Conv's precision: an int8 Conv keeps int8 output only through the Q/DQ."""
     out = conv.outputs[0]
     if len(out.outputs) != 1 or out.outputs[0].op != "QuantizeLinear":
         return []
@@ -248,8 +249,11 @@ def _qdq_after(conv: gs.Node) -> list[Finding]:
             continue
         for partner in dequantize.outputs[0].outputs:
             if _is_conv_epilogue_partner(partner, dequantize.outputs[0]):
-                detail = f"{quantize.name!r}/{dequantize.name!r} quantize the edge from Conv {conv.name!r} to {partner.op} {partner.name!r}"
-                return [QDQ_SPLITS.at([conv.name, quantize.name, dequantize.name, partner.name], detail, subject=output_names(dequantize))]
+                precision = ctx.precision_of(conv)
+                detail = (f"{quantize.name!r}/{dequantize.name!r} quantize the edge from Conv {conv.name!r}, which runs "
+                          f"{precision.precision} ({precision.decided_by}), to {partner.op} {partner.name!r}")
+                return [QDQ_SPLITS.at([conv.name, quantize.name, dequantize.name, partner.name], detail, subject=output_names(dequantize),
+                                      precision=precision)]
     return []
 
 

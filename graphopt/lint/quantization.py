@@ -1,9 +1,13 @@
-"""Quantization continuity (--precision int8): where INT8 regions are, and where they break.
+"""Quantization continuity: where INT8 regions are, and where they break.
 
 TensorRT runs a layer in INT8 only when its inputs arrive quantized (Q/DQ models) or when it has
 an INT8 implementation (calibrated float models). Every op without one ends the INT8 region
 before it and starts a new one after it, with a reformat at each edge, and the dense layers on
 either side lose INT8 input or output there.
+
+Which dense layers run INT8 is each layer's own precision, read from the graph by
+graphopt.precision as pad-channels reads it: Q/DQ on input and weight, or a float32 layer when
+the target precision is int8 (a model to be calibrated). Nothing is judged when no layer runs INT8.
 
 Ops are judged in three classes:
 - INT8-capable: dense layers (Conv, Gemm, MatMul), pooling, Relu/Clip, residual Add, Concat.
@@ -14,9 +18,9 @@ Ops are judged in three classes:
 
 A break is a group of float-only ops connected through transparent ops that has dense layers
 both upstream and downstream (in the middle of the network, not in a pre- or post-processing
-tail). For Q/DQ models, a dense layer whose input is not dequantized is a break as well, and the
-INT8 regions themselves are listed: dense layers whose inputs are dequantized, joined by paths
-that cross no float-only op.
+tail). A dense layer that does not run INT8 between INT8 ones is a break as well, and for Q/DQ
+models the INT8 regions themselves are listed: INT8 dense layers joined by paths that cross no
+float-only op. A region's and a float layer's findings name the precision and how it was decided.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ INT8_REGION = Kind(
 )
 FLOAT_DENSE_LAYER = Kind(
     "GO-QUANT-002", "dense-layer-not-quantized", "quantization", "warning",
-    "Its input is not dequantized, so TensorRT runs this dense layer in floating point between INT8 "
-    "layers, with a reformat on each side.",
+    "This dense layer does not run in INT8 (no Q/DQ on its input and weight), so TensorRT runs it in "
+    "floating point between INT8 layers, with a reformat on each side.",
     QDQ_PLACEMENT,
 )
 FLOAT_ONLY_OPS = Kind(
@@ -64,11 +68,11 @@ AROUND_HOPS = 3  # how far from a break its neighbouring dense layers are looked
 
 
 def check(ctx: LintContext) -> list[Finding]:
-    if ctx.precision != "int8":
-        return []
     graph = ctx.graph
+    anchors = [n for n in graph.nodes if is_weighted(n) and runs_int8(ctx, n)]
+    if not anchors:
+        return []
     epilogues = {n.name for layer in graph.nodes if is_weighted(layer) for n in epilogue_activation(layer)}
-    anchors = [n for n in graph.nodes if is_weighted(n) and (not ctx.has_qdq or is_quantized(n))]
     upstream, downstream = reachability(graph, {n.name for n in anchors})
     in_middle = lambda nodes: any(n.name in upstream for n in nodes) and any(n.name in downstream for n in nodes)  # noqa: E731
 
@@ -79,11 +83,13 @@ def check(ctx: LintContext) -> list[Finding]:
     if ctx.has_qdq:
         findings += _regions(ctx, anchors, joins=lambda n: n.name in epilogues or (
             not is_weighted(n) and _op_class(n) in ("transparent", "int8-capable")))
-        for layer in graph.nodes:
-            if is_weighted(layer) and not is_quantized(layer) and in_middle([layer]):
-                detail = f"{layer.op} {layer.name!r} reads a float tensor between INT8 layers"
-                subject = tuple(t.name for t in data_inputs(layer))
-                findings.append(FLOAT_DENSE_LAYER.at([layer.name], detail, flops_share=ctx.share([layer]), subject=subject))
+    for layer in graph.nodes:
+        if is_weighted(layer) and not runs_int8(ctx, layer) and in_middle([layer]):
+            precision = ctx.precision_of(layer)
+            detail = f"{layer.op} {layer.name!r} runs {precision.precision} ({precision.decided_by}) between INT8 layers"
+            subject = tuple(t.name for t in data_inputs(layer))
+            findings.append(FLOAT_DENSE_LAYER.at([layer.name], detail, flops_share=ctx.share([layer]), subject=subject,
+                                                 precision=precision))
     seeds = [n for n in graph.nodes if is_float_only(n)]
     for group in components(seeds, joins=lambda n: _op_class(n) == "transparent"):
         if not in_middle(group):
@@ -105,10 +111,8 @@ def check(ctx: LintContext) -> list[Finding]:
     return findings
 
 
-def is_quantized(layer: gs.Node) -> bool:
-    """A dense layer whose activation inputs all come from DequantizeLinear."""
-    inputs = data_inputs(layer)
-    return bool(inputs) and all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in inputs)
+def runs_int8(ctx: LintContext, layer: gs.Node) -> bool:
+    return ctx.precision_of(layer).precision == "int8"
 
 
 def _op_class(node: gs.Node) -> str:
@@ -128,8 +132,13 @@ def _regions(ctx: LintContext, quantized: list[gs.Node], joins: Callable[[gs.Nod
     """INT8 regions of a Q/DQ model: quantized dense layers joined through ops that `joins`."""
     findings = []
     for region in components(quantized, joins=joins):
-        names = [n.name for n in in_graph_order(ctx.graph, region)]
+        region = in_graph_order(ctx.graph, region)
+        names = [n.name for n in region]
         layers = "dense layer" if len(names) == 1 else "dense layers"
-        detail = f"INT8 region of {len(names)} {layers} from {names[0]!r} to {names[-1]!r}"
-        findings.append(INT8_REGION.at(names, detail, flops_share=ctx.share(region), subject=tuple(sorted(output_names(*region)))))
+        # Its layers run int8 for one reason or several: the first layer's is the region's, and any other is said.
+        reasons = list(dict.fromkeys(ctx.precision_of(n).decided_by for n in region))
+        detail = f"INT8 region of {len(names)} {layers} from {names[0]!r} to {names[-1]!r}, int8 ({'; '.join(reasons)})"
+        # Likeness: a pass that rewrites a layer in place (pad-channels' Slice) renames its output, not the layer.
+        findings.append(INT8_REGION.at(names, detail, flops_share=ctx.share(region), subject=tuple(sorted(output_names(*region))),
+                                       likeness=" ".join(names), precision=ctx.precision_of(region[0])))
     return findings

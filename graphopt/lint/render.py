@@ -13,8 +13,8 @@ NEW_SHOWN = 10
 
 def format_findings(report: LintReport) -> str:
     lines = [
-        f"{report.model}: TensorRT readiness for {report.precision} "
-        f"({report.total_flops / 1e9:.3g} GFLOPs; parser {trt_parser_ops.PARSER} {trt_parser_ops.PARSER_VERSION})"
+        f"{report.model}: TensorRT readiness, each layer in its own precision (float32 layers: {report.target_precision}, "
+        f"int8 aligned to {report.int8_align}; {report.total_flops / 1e9:.3g} GFLOPs; parser {trt_parser_ops.PARSER} {trt_parser_ops.PARSER_VERSION})"
     ]
     for group in _by_kind(report.findings):
         first = group[0]
@@ -47,7 +47,7 @@ def diff_findings(before: LintReport, after: LintReport) -> str:
     even when the pass renamed its nodes.
     """
     diff = match_findings(before.findings, after.findings)
-    lines = [f"lint ({after.precision}): {_count(len(before.findings), 'finding')} -> {len(after.findings)} "
+    lines = [f"lint (float32 layers: {after.target_precision}): {_count(len(before.findings), 'finding')} -> {len(after.findings)} "
              f"({len(diff.resolved)} resolved, {len(diff.new)} new, {len(diff.kept)} unchanged)"]
     counts_before, counts_after = before.codes(), after.codes()
     names = {f.code: f.name for f in [*before.findings, *after.findings]}
