@@ -16,7 +16,13 @@ Emits, per site:
 3. a Flatten(axis=1) writing each original 2-D tensor something outside the site reads (another
    op, a graph output, a subgraph): names, dtypes and shapes stay; the batch is never spelled
    out, so a symbolic batch works.
-The pass folds nothing but a Gemm's alpha and beta into the weight and bias. A BatchNormalization,
+Q/DQ heads (ONNX Runtime's int8 -> DQ weights and int32 biases, ModelOpt's float -> Q -> DQ) stay
+in that form: the stored integers are reshaped (never dequantized), scales and zero points kept,
+a per-channel axis becomes the Conv's output channel axis 0. A per-tensor Q/DQ writing the input
+is copied onto the 4-D tensor the Conv reads (it commutes exactly with Flatten/Reshape), and
+per-tensor Q/DQ after a linear are carried like any elementwise op, so each Conv reads a
+DequantizeLinear and a QuantizeLinear reads the Conv.
+The pass folds nothing but a Gemm's alpha and beta into a float weight and bias. A BatchNormalization,
 bias Add or Mul by a per-channel constant after a linear is carried and lands right after its Conv,
 a zero Pad or constant Mul in front of a flattened map stays in front of the Conv, and the
 canonicalization that follows the pass (onnxsim) fuses them into it; docs/passes/fc-to-conv.md
@@ -31,8 +37,10 @@ Conv would be followed by a Flatten and then an activation or Add it cannot carr
 No TensorRT speed-up has been measured; on cuDNN an FC head ran 0.90x (docs/passes/fc-to-conv.md
 has the sources and the numbers).
 
-Declines, counting each reason: Gemm transA=1; a runtime or quantized weight (Q/DQ support comes
-later), a MatMul of two activations (attention is never touched); a constant input, an input
+Declines, counting each reason: Gemm transA=1; a runtime weight, a MatMul of two activations
+(attention is never touched); a quantized weight that is blocked, per input channel, not int8/uint8,
+behind a float input (weight-only), or with alpha/beta != 1; a per-axis, blocked or runtime-scaled
+Q/DQ on the input, or one after a linear that cannot be carried; a constant input, an input
 of unknown rank or rank other than 2, a dtype other than float32/float16 or weight and input
 dtypes that differ; a Gemm bias that is not a per-channel constant; alpha/beta that overflow
 float16 when folded; token-wise linears of transformers unless `token_linears` (their rows are
