@@ -171,8 +171,9 @@ class FcToConv(GraphPass[FcToConvOptions]):
             return "token-wise linear (token_linears=false)"
         if linear.source is not None and channels_broadcast_in_front(linear.source):
             return "the flattened map is a Mul that broadcasts channels (onnxsim folds it into a Conv wrongly)"
-        if linear.weight_form.quantized and linear.quantizer is None and (linear.source is None or written_by(linear.source, "DequantizeLinear") is None):
-            # the Conv would read a float tensor: what TensorRT builds from a Conv with only its weight quantized is not known here
+        dequantized_map = linear.source is not None and written_by(linear.source, "DequantizeLinear") is not None
+        if linear.weight_form.quantized and linear.quantizer is None and not dequantized_map:
+            # the Conv would read a float tensor: what TensorRT builds of a Conv with only its weight quantized is not known here
             return "weight quantized but not the input (weight-only quantization)"
         return linear
 
@@ -551,7 +552,8 @@ def quantize_in_4d(graph: gs.Graph, quantizer: tuple[gs.Node, gs.Node], x4: gs.T
     to read: same scales and zero points, so the same integers (the original stays for others)."""
     for node in quantizer:
         output = gs.Variable(unique_name(graph, f"{node.outputs[0].name}/4d"), dtype=node.outputs[0].dtype)
-        graph.nodes.append(gs.Node(node.op, unique_name(graph, f"{node.name}/4d"), dict(node.attrs), inputs=[x4, *node.inputs[1:]], outputs=[output]))
+        copy = gs.Node(node.op, unique_name(graph, f"{node.name}/4d"), dict(node.attrs), inputs=[x4, *node.inputs[1:]], outputs=[output])
+        graph.nodes.append(copy)
         x4 = output
     return x4
 
