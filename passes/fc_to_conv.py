@@ -16,7 +16,13 @@ Emits, per site:
 3. a Flatten(axis=1) writing each original 2-D tensor something outside the site reads (another
    op, a graph output, a subgraph): names, dtypes and shapes stay; the batch is never spelled
    out, so a symbolic batch works.
-The pass folds nothing but a Gemm's alpha and beta into the weight and bias. A BatchNormalization,
+Q/DQ heads (ONNX Runtime's int8 -> DQ weights and int32 biases, ModelOpt's float -> Q -> DQ) stay
+in that form: the stored integers are reshaped (never dequantized), scales and zero points kept,
+a per-channel axis becomes the Conv's output channel axis 0. A per-tensor Q/DQ writing the input
+is copied onto the 4-D tensor the Conv reads (it commutes exactly with Flatten/Reshape), and
+per-tensor Q/DQ after a linear are carried like any elementwise op, so each Conv reads a
+DequantizeLinear and a QuantizeLinear reads the Conv.
+The pass folds nothing but a Gemm's alpha and beta into a float weight and bias. A BatchNormalization,
 bias Add or Mul by a per-channel constant after a linear is carried and lands right after its Conv,
 a zero Pad or constant Mul in front of a flattened map stays in front of the Conv, and the
 canonicalization that follows the pass (onnxsim) fuses them into it; docs/passes/fc-to-conv.md
@@ -31,8 +37,10 @@ Conv would be followed by a Flatten and then an activation or Add it cannot carr
 No TensorRT speed-up has been measured; on cuDNN an FC head ran 0.90x (docs/passes/fc-to-conv.md
 has the sources and the numbers).
 
-Declines, counting each reason: Gemm transA=1; a runtime or quantized weight (Q/DQ support comes
-later), a MatMul of two activations (attention is never touched); a constant input, an input
+Declines, counting each reason: Gemm transA=1; a runtime weight, a MatMul of two activations
+(attention is never touched); a quantized weight that is blocked, per input channel, not int8/uint8,
+behind a float input (weight-only), or with alpha/beta != 1; a per-axis, blocked or runtime-scaled
+Q/DQ on the input, or one after a linear that cannot be carried; a constant input, an input
 of unknown rank or rank other than 2, a dtype other than float32/float16 or weight and input
 dtypes that differ; a Gemm bias that is not a per-channel constant; alpha/beta that overflow
 float16 when folded; token-wise linears of transformers unless `token_linears` (their rows are
@@ -54,9 +62,11 @@ from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
     constant_value,
+    Weight,
     in_dtype,
     is_graph_output,
     make_constant,
+    make_weight,
     nodes_with_op,
     rank,
     unique_name,
@@ -78,6 +88,10 @@ BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum"
 # What canonicalization fuses into the Conv before it, given constant operands (onnxsim's
 # fuse_bn_into_conv, fuse_add_bias_into_conv, fuse_mul_into_conv; Dropout/Identity eliminated).
 FUSED_INTO_CONV = frozenset({"BatchNormalization", "Add", "Mul", "Dropout", "Identity"})
+QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# How quantized weights and biases may be stored to be reshaped here: the integers (int32: biases),
+# or ModelOpt's float weights in front of a QuantizeLinear. int4 and float8 are not handled.
+QUANTIZED_STORAGE = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int32, np.float16, np.float32))
 
 
 @dataclass(frozen=True)
@@ -91,9 +105,12 @@ class Linear:
     """One fully connected layer: output = input @ weight.T + bias."""
 
     node: gs.Node
-    weight: np.ndarray  # [N, K], alpha folded in, in the input's dtype
-    bias: np.ndarray | None  # [N], beta folded in
+    weight: np.ndarray  # [N, K] as stored: float with alpha folded in, or a quantized weight's integers
+    bias: np.ndarray | None  # [N] as stored, beta folded in
     source: gs.Tensor | None  # the static [B, C, H, W] map whose per-sample flatten is the input
+    weight_form: Weight  # the original weight and bias: new ones are built in their form
+    bias_form: Weight | None
+    quantizer: tuple[gs.Node, gs.Node] | None  # the per-tensor QuantizeLinear -> DequantizeLinear writing the input
 
     @property
     def input(self) -> gs.Tensor:
@@ -138,7 +155,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
         sites = []
         top_level = {id(node) for node in graph.nodes}  # a tensor's readers include nodes of subgraphs
         for component in connected_components(graph, linears):
-            if (reason := flatten_before_fused_op(component, top_level)) is not None:
+            if (reason := flatten_before_fused_op(component, top_level) or quantizer_left_in_2d(component, top_level)) is not None:
                 stats.skip(reason)
             else:
                 sites.append(Site(component.key, component))
@@ -154,6 +171,10 @@ class FcToConv(GraphPass[FcToConvOptions]):
             return "token-wise linear (token_linears=false)"
         if linear.source is not None and channels_broadcast_in_front(linear.source):
             return "the flattened map is a Mul that broadcasts channels (onnxsim folds it into a Conv wrongly)"
+        dequantized_map = linear.source is not None and written_by(linear.source, "DequantizeLinear") is not None
+        if linear.weight_form.quantized and linear.quantizer is None and not dequantized_map:
+            # the Conv would read a float tensor: what TensorRT builds of a Conv with only its weight quantized is not known here
+            return "weight quantized but not the input (weight-only quantization)"
         return linear
 
     # -- rewrite -----------------------------------------------------------------------------------
@@ -170,13 +191,17 @@ class FcToConv(GraphPass[FcToConvOptions]):
                 twins[original.name] = carry(graph, node, twins)
                 carried.append(node.op)
                 continue
-            if linear.input.name in twins:
+            if linear.input.name in twins:  # a carried QuantizeLinear -> DequantizeLinear's too
                 x4, kernel = twins[linear.input.name], (1, 1)
             elif linear.source is not None:
                 x4, kernel = linear.source, (int(linear.source.shape[2]), int(linear.source.shape[3]))
                 stats.counters["flattens_folded_into_kernel"] += 1
             else:
-                x4, kernel = view_in_4d(graph, linear.input), (1, 1)
+                x = unquantized(linear)
+                x4, kernel = (twins[x.name] if x.name in twins else view_in_4d(graph, x)), (1, 1)
+            if linear.quantizer is not None and linear.input.name not in twins:
+                x4 = quantize_in_4d(graph, linear.quantizer, x4)
+                stats.counters["input_quantizers_moved_to_4d"] += 1
             twins[linear.output.name] = emit_conv(graph, linear, x4, kernel)
             node.inputs.clear()
             node.outputs.clear()
@@ -198,11 +223,15 @@ def reason_not_a_linear(node: gs.Node) -> str | None:
         return "Gemm with transA=1"
     w = weight(node.inputs[1])
     if w is None:
-        return "MatMul of two activations" if node.op == "MatMul" and constant_value(x) is None else "weight is not a constant"
-    if w.quantized:
-        return "weight is quantized (Q/DQ weights are not supported yet)"
-    if constant_value(x) is not None:
+        if (dequantize := written_by(node.inputs[1], "DequantizeLinear")) is not None and dequantize.attrs.get("block_size", 0):
+            return "weight quantized in blocks (block_size)"
+        return "MatMul of two activations" if node.op == "MatMul" and weight(x) is None else "weight is not a constant"
+    if weight(x) is not None:
         return "input is a constant"
+    if isinstance(quantizer := activation_quantizer(x), str):
+        return quantizer
+    if w.quantized and (reason := quantized_weight_not_reshapable(node, w)) is not None:
+        return reason
     if rank(x) != 2:
         return "input rank unknown" if rank(x) is None else f"input has rank {rank(x)}"
     if tensor_dtype(x) not in FLOAT_DTYPES:
@@ -215,6 +244,59 @@ def reason_not_a_linear(node: gs.Node) -> str | None:
     if isinstance(x.shape[1], (int, np.integer)) and x.shape[1] != k:
         return "weight does not match the input"
     return gemm_bias_not_per_channel(node, n)
+
+
+def written_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return producer if producer is not None and producer.op == op and producer.domain in DEFAULT_DOMAINS else None
+
+
+def activation_quantizer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node] | str | None:
+    """The per-tensor QuantizeLinear -> DequantizeLinear writing `tensor`, None when no
+    DequantizeLinear writes it, or why the pass cannot move that quantizer onto a 4-D tensor.
+
+    One scale and zero point for every element: Q and DQ are then elementwise and commute with any
+    reshape, so Q/DQ(Flatten(m)) = Flatten(Q/DQ(m)) exactly. A per-axis or blocked one does not.
+    """
+    dequantize = written_by(tensor, "DequantizeLinear")
+    if dequantize is None:
+        return None
+    quantize = written_by(dequantize.inputs[0], "QuantizeLinear")
+    if quantize is None:
+        return "input is dequantized from a tensor no QuantizeLinear computes"
+    for node in (quantize, dequantize):
+        if (reason := not_per_tensor(node)) is not None:
+            return f"input {reason}"
+    return quantize, dequantize
+
+
+def not_per_tensor(node: gs.Node) -> str | None:
+    """Why a QuantizeLinear/DequantizeLinear does not quantize its data with one constant scale and zero point."""
+    if node.attrs.get("block_size", 0):
+        return "quantized in blocks (block_size)"
+    parameters = [constant_value(t) for t in node.inputs[1:3] if t.name]
+    if any(p is None for p in parameters):
+        return "quantized with a runtime scale or zero point"
+    if any(p.ndim != 0 for p in parameters):
+        return "quantized per axis"
+    return None
+
+
+def quantized_weight_not_reshapable(node: gs.Node, w: Weight) -> str | None:
+    """Why a Q/DQ weight cannot become a Conv weight by reshaping its integers, or None.
+
+    Its scale must stay per output channel (the Conv's axis 0) or per tensor; alpha and beta would
+    have to change the integers or scales, which is not exact.
+    """
+    q = w.quantization
+    if w.stored.dtype not in QUANTIZED_STORAGE:
+        return f"weight quantized as {w.stored.dtype} (int8/uint8 only)"
+    output_axis = 0 if node.op == "Gemm" and node.attrs.get("transB", 0) else 1
+    if q.axis is not None and q.axis != output_axis:
+        return "weight quantized per input channel"
+    if node.op == "Gemm" and (float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
+        return "Gemm alpha or beta with a quantized weight (cannot be folded into its integers)"
+    return None
 
 
 def tensor_dtype(tensor: gs.Tensor) -> np.dtype | None:
@@ -230,8 +312,10 @@ def gemm_bias_not_per_channel(node: gs.Node, n: int) -> str | None:
     bias = weight(node.inputs[2])
     if bias is None:
         return "Gemm bias is not a constant"
-    if bias.quantized:
-        return "Gemm bias is quantized (Q/DQ weights are not supported yet)"
+    if bias.quantized and bias.stored.dtype not in QUANTIZED_STORAGE:
+        return f"Gemm bias quantized as {bias.stored.dtype}"
+    if bias.quantized and float(node.attrs.get("beta", 1.0)) != 1.0:
+        return "Gemm beta with a quantized bias (cannot be folded into its integers)"
     if per_channel(bias.stored, n) is None:
         return f"Gemm bias of shape {list(bias.shape)} is not per-channel"
     return None
@@ -245,29 +329,38 @@ def per_channel(values: np.ndarray, n: int) -> np.ndarray | None:
 
 
 def read_linear(node: gs.Node) -> Linear | None:
-    """The [N, K] weight and [N] bias of a checked Gemm/MatMul, alpha and beta folded in (computed
-    in float64); None when that overflows the weight's dtype (float16 ends at 65504)."""
-    stored = weight(node.inputs[1]).stored
+    """The [N, K] weight and [N] bias of a checked Gemm/MatMul, as stored, alpha and beta folded
+    into float ones (computed in float64; a quantized weight has neither); None when that
+    overflows the weight's dtype (float16 ends at 65504)."""
+    w = weight(node.inputs[1])
     gemm = node.op == "Gemm"
-    matrix = stored if gemm and node.attrs.get("transB", 0) else stored.T
+    matrix = w.stored if gemm and node.attrs.get("transB", 0) else w.stored.T
     alpha, beta = (float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))) if gemm else (1.0, 1.0)
     # alpha = beta = 1 (every exporter's Gemm) needs no arithmetic: a float64 copy of a large
     # classifier's weight was most of the pass's time.
-    folded = matrix if alpha == 1.0 else in_dtype(matrix.astype(np.float64) * alpha, stored.dtype)
-    bias = None
+    folded = matrix if alpha == 1.0 else in_dtype(matrix.astype(np.float64) * alpha, w.dtype)
+    bias, bias_form = None, None
     if gemm and len(node.inputs) > 2 and node.inputs[2].name:
-        values = per_channel(weight(node.inputs[2]).stored, matrix.shape[0])
-        bias = values.astype(stored.dtype) if beta == 1.0 else in_dtype(values.astype(np.float64) * beta, stored.dtype)
+        bias_form = weight(node.inputs[2])
+        values = per_channel(bias_form.stored, matrix.shape[0])
+        dtype = values.dtype if bias_form.quantized else w.dtype
+        bias = values.astype(dtype) if beta == 1.0 else in_dtype(values.astype(np.float64) * beta, dtype)
         if bias is None:
             return None
     if folded is None:
         return None
-    return Linear(node, folded, bias, flattened_map(node, matrix.shape[1]))
+    quantizer = activation_quantizer(node.inputs[0])
+    x = quantizer[0].inputs[0] if quantizer is not None else node.inputs[0]
+    return Linear(node, folded, bias, flattened_map(x, matrix.shape[1]), w, bias_form, quantizer)
 
 
-def flattened_map(node: gs.Node, k: int) -> gs.Tensor | None:
-    """The [B, C, H, W] map (C, H, W static, C*H*W = K) whose per-sample flatten the linear reads."""
-    x = node.inputs[0]
+def unquantized(linear: Linear) -> gs.Tensor:
+    """The linear's input, before the QuantizeLinear -> DequantizeLinear writing it if any."""
+    return linear.quantizer[0].inputs[0] if linear.quantizer is not None else linear.input
+
+
+def flattened_map(x: gs.Tensor, k: int) -> gs.Tensor | None:
+    """The [B, C, H, W] map (C, H, W static, C*H*W = K) whose per-sample flatten `x` is."""
     producer = x.inputs[0] if len(x.inputs) == 1 else None
     if producer is None or producer.op not in ("Flatten", "Reshape", "Squeeze") or producer.domain not in DEFAULT_DOMAINS:
         return None
@@ -324,10 +417,14 @@ def is_token_linear(node: gs.Node) -> bool:
     Reshape/Flatten of a rank-3+ tensor that is not a per-sample flatten, or its output is
     reshaped to rank 3 while its input is not a per-sample flatten."""
     x, y = node.inputs[0], node.outputs[0]
+    if isinstance(quantizer := activation_quantizer(x), tuple):
+        x = quantizer[0].inputs[0]
     producer = x.inputs[0] if len(x.inputs) == 1 else None
     from_rows = producer is not None and producer.op in ("Flatten", "Reshape") and (rank(producer.inputs[0]) or 0) >= 3
     per_sample = from_rows and flattens_per_sample(producer)
-    reshaped_to_tokens = any(c.op == "Reshape" and rank(c.outputs[0]) == 3 for c in y.outputs)
+    readers = [*y.outputs, *(r for q in y.outputs if q.op == "QuantizeLinear" for d in q.outputs[0].outputs
+                             if d.op == "DequantizeLinear" for r in d.outputs[0].outputs)]
+    reshaped_to_tokens = any(c.op == "Reshape" and rank(c.outputs[0]) == 3 for c in readers)
     return (from_rows or reshaped_to_tokens) and not per_sample
 
 
@@ -348,6 +445,8 @@ def carries_in_4d(graph: gs.Graph, node: gs.Node, carried: Container[str]) -> bo
         return first_carried and others_inert and training is not None and not bool(training)
     if node.op == "BatchNormalization":  # per channel on axis 1, of [B, N] and [B, N, 1, 1] alike
         return first_carried and others_inert and not node.attrs.get("training_mode", 0) and node.attrs.get("spatial", 1) == 1
+    if node.op in QDQ:  # elementwise when per tensor; per-axis ones are declined (quantizer_left_in_2d)
+        return first_carried and others_inert and not_per_tensor(node) is None
     return False
 
 
@@ -401,11 +500,23 @@ def flatten_before_fused_op(component: Component, top_level: Container[int]) -> 
             if outside:
                 return f"a Flatten would sit between the Conv and the {outside[0].op} TensorRT fuses with it"
             follower = tensor.outputs[0] if len(tensor.outputs) == 1 else None
-            if follower is None or follower.name not in names or follower.op not in FUSED_INTO_CONV:
+            if follower is None or follower.name not in names or follower.op not in FUSED_INTO_CONV | QDQ:
                 break
             if any(t is not tensor and t.name and constant_value(t) is None for t in follower.inputs):
                 break
             tensor = follower.outputs[0]
+    return None
+
+
+def quantizer_left_in_2d(component: Component, top_level: Container[int]) -> str | None:
+    """Why a QuantizeLinear/DequantizeLinear the pass cannot carry (per axis, blocked) would read a
+    Flatten of the site's output instead of the Conv's, or None. TensorRT fuses a Conv with the
+    QuantizeLinear after it; a Flatten in between is not proven to keep that."""
+    names = {node.name for node in component.members}
+    for node in component.members:
+        for reader in node.outputs[0].outputs:
+            if id(reader) in top_level and reader.name not in names and reader.op in QDQ and reader.domain in DEFAULT_DOMAINS:
+                return f"a {reader.op} that is not per tensor reads the site"
     return None
 
 
@@ -419,24 +530,43 @@ def emit_conv(graph: gs.Graph, linear: Linear, x4: gs.Tensor, kernel: tuple[int,
     """
     n, k = linear.weight.shape
     stem = linear.node.name
-    inputs = [x4, make_constant(graph, f"{stem}/conv_weight", linear.weight.reshape(n, k // math.prod(kernel), *kernel))]
+    # A quantized weight keeps its integers and scales; its per-channel axis is now the Conv's
+    # output channel axis 0 (read_linear moved N first). A bias keeps its own (axis 0 of [N]).
+    kernel_values = linear.weight.reshape(n, k // math.prod(kernel), *kernel)
+    inputs = [x4, make_weight(graph, f"{stem}/conv_weight", linear.weight_form, kernel_values, axis=output_axis(linear.weight_form))]
     if linear.bias is not None:
-        inputs.append(make_constant(graph, f"{stem}/conv_bias", linear.bias))
+        inputs.append(make_weight(graph, f"{stem}/conv_bias", linear.bias_form, linear.bias, axis=output_axis(linear.bias_form)))
     y4 = gs.Variable(unique_name(graph, f"{stem}/conv"), dtype=linear.output.dtype)
     attrs = {"kernel_shape": list(kernel), "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
     graph.nodes.append(gs.Node("Conv", unique_name(graph, f"{stem}/conv"), attrs=attrs, inputs=inputs, outputs=[y4]))
     return y4
 
 
+def output_axis(form: Weight) -> int | None:
+    """The per-channel axis of a new Conv weight or bias in `form`: 0, or None for one scale."""
+    return None if form.quantization is None or form.quantization.axis is None else 0
+
+
+def quantize_in_4d(graph: gs.Graph, quantizer: tuple[gs.Node, gs.Node], x4: gs.Tensor) -> gs.Variable:
+    """A copy of the per-tensor QuantizeLinear -> DequantizeLinear on the 4-D tensor, for the Conv
+    to read: same scales and zero points, so the same integers (the original stays for others)."""
+    for node in quantizer:
+        output = gs.Variable(unique_name(graph, f"{node.outputs[0].name}/4d"), dtype=node.outputs[0].dtype)
+        copy = gs.Node(node.op, unique_name(graph, f"{node.name}/4d"), dict(node.attrs), inputs=[x4, *node.inputs[1:]], outputs=[output])
+        graph.nodes.append(copy)
+        x4 = output
+    return x4
+
+
 def view_in_4d(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
     """`tensor` (rank <= 2) with two unit dims appended: it broadcasts against [B, N, 1, 1] as the
-    original does against [B, N]. A constant is reshaped; a tensor goes through Reshape with 0s,
-    which copy its dims (a symbolic batch too)."""
+    original does against [B, N]. A constant is reshaped, a quantized one in its form (its axis
+    index unchanged); a tensor goes through Reshape with 0s, which copy its dims (a symbolic batch too)."""
     r = rank(tensor)
     if r == 0:
         return tensor
-    if (values := constant_value(tensor)) is not None:
-        return make_constant(graph, f"{tensor.name}/4d", values.reshape(*values.shape, 1, 1))
+    if (values := weight(tensor)) is not None:
+        return make_weight(graph, f"{tensor.name}/4d", values, values.stored.reshape(*values.shape, 1, 1))
     shape = make_constant(graph, f"{tensor.name}/as_4d_shape", np.array([0] * r + [1, 1], dtype=np.int64))
     viewed = gs.Variable(unique_name(graph, f"{tensor.name}/4d"), dtype=tensor.dtype)
     graph.nodes.append(gs.Node("Reshape", unique_name(graph, f"{tensor.name}/as_4d"), inputs=[tensor, shape], outputs=[viewed]))
