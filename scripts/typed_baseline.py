@@ -156,7 +156,8 @@ def probe_verification(model: onnx.ModelProto, quantized: bool) -> Probe:
     """How much the default verification input exercises `model`; for INT8 forms, whether it flags
     one output channel's scale x SCALE_ERROR in each of up to SCALE_PROBES quantized convs."""
     verifier = Verifier(model)
-    reference = verifier.reference(model)
+    references = verifier.reference_of_input(model)  # one per input set; the first is the [-1, 1] set
+    reference = references[0]
     probe = Probe(
         input_dependence=relative_change(reference, run_onnxruntime(model, make_feed(model, {}, seed=1))),
         nudge_rel_err=relative_change(reference, run_onnxruntime(model, {
@@ -172,7 +173,7 @@ def probe_verification(model: onnx.ModelProto, quantized: bool) -> Probe:
     for conv in picked:
         channels = weight(conv.inputs[1]).quantization.scale.size
         for channel in sorted({0, channels // 2, channels - 1}):
-            verdict, _ = verifier.check(reference, wrong_channel_scale(model, conv.name, channel))
+            verdict, _ = verifier.check(references, wrong_channel_scale(model, conv.name, channel), model)
             probe.flagged += not verdict.passed
             probe.rel_errs.append(verdict.max_rel_err)
     return probe
