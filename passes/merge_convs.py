@@ -1,17 +1,22 @@
 """merge-convs: merge sibling convolutions that read one tensor into one wider Conv.
 
-Matches two or more Convs reading the same tensor (siblings): group 1, auto_pad NOTSET, constant
-float weights and biases of one dtype, equal strides and dilations, the same static output shape.
-Kernels may differ (SqueezeNet's 1x1 beside a 3x3): each is zero-padded into one window covering
-every sibling's taps, placed so that it reads exactly the inputs it read before.
+Matches two or more Convs reading the same tensor, or equal QuantizeLinear -> DequantizeLinear
+pairs of one tensor (siblings): group 1, auto_pad NOTSET, constant weights and biases of one float
+dtype, stored alike (all plain; or all int8 -> DQ, or all float -> Q -> DQ, per output channel or
+per tensor, same dtypes and Q/DQ attributes), equal strides and dilations, the same static output
+shape. Kernels may differ (SqueezeNet's 1x1 beside a 3x3): each is padded into one window covering
+every sibling's taps with zero taps (a quantized filter's zero point), so it reads what it read.
 
 Emits one Conv whose output channels are the siblings' in order, then a Split on axis 1 that
-writes the siblings' own output tensors, so graph outputs keep name, dtype and shape. When every
-sibling feeds only the same activation (op, attributes, equal constant extras), one activation
-follows the merged Conv; when the siblings' (activated) outputs are exactly the inputs of one
-Concat on axis 1, the merged Conv writes the Concat's output and neither Split nor Concat is left.
-`vertical` (off by default) also composes a 1x1 Conv (stride 1, no pads) into the Conv that alone
-reads it, when that does not grow the FLOPs; rewrites make new sites, so it works in rounds.
+writes the siblings' own output tensors, so graph outputs keep name, dtype and shape. Quantized
+weights stay in their form, per output channel: integers (or floats) and scales concatenated, a
+per-tensor scale repeated. When every sibling feeds only the same activation (op, attributes,
+equal constant extras), one activation follows the merged Conv; when every (activated) output goes
+only to an equal per-tensor QuantizeLinear -> DequantizeLinear, one Q -> DQ follows and the Split
+parts the DQ output; when the siblings' last outputs are exactly the inputs of one Concat on axis
+1, the merged Conv (or its activation, Q/DQ) writes the Concat's output: no Split, no Concat.
+`vertical` (off by default) also composes a plain 1x1 Conv (stride 1, no pads) into the Conv that
+alone reads it, when that does not grow the FLOPs; rewrites make new sites, so it works in rounds.
 
 Why TensorRT benefits: TensorRT merges siblings itself only when their kernels are identical and
 they are not Q/DQ (NVIDIA/TensorRT#501, #1602), so a fire module's 1x1 + 3x3 stays two kernels.
@@ -23,13 +28,15 @@ they end in the same activation, so the Split never parts a Conv from the activa
 would fuse it with. The report gives each site's FLOPs before and after. Derivations and
 evidence: docs/passes/merge-convs.md.
 
-Declines, counted by reason: runtime or quantized (Q/DQ) weights (each sibling's output
-quantization would sit behind the Split, unfused; not implemented), group != 1, auto_pad, dtypes
-other than float32/float16, unknown spatial shapes, an output read in a subgraph; siblings whose
-strides, dilations, tap lattice or output shape differ; an aligned sibling whose activation no
-other sibling shares; a group over `max_flop_growth` (siblings with identical windows in it still
-merge) or `max_out_channels`, or under `min_siblings`. FLOP decisions count live channels only:
-pad-channels' zero filters would otherwise turn a decline into a merge when `all` runs again.
+Declines, counted by reason: runtime weights, weights quantized along another axis or to other
+types than int8/uint8, group != 1, auto_pad, dtypes other than float32/float16, unknown spatial
+shapes, an output read in a subgraph; siblings whose strides, dilations, tap lattice or output
+shape differ; quantized beside plain siblings, or quantized differently; siblings whose outputs
+are quantized differently, or some quantized and others not (one Q/DQ must serve all); an aligned
+sibling whose activation no other sibling shares; a group over `max_flop_growth` (siblings with
+identical windows in it still merge) or `max_out_channels`, or under `min_siblings`. FLOP
+decisions count live channels only: pad-channels' zero filters would otherwise turn a decline into
+a merge when `all` runs again.
 """
 
 from __future__ import annotations
