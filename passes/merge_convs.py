@@ -817,15 +817,18 @@ def merged_bias(graph: gs.Graph, stem: str, convs: list[ConvInfo]) -> gs.Tensor:
     quantized bias is integer zeros with the scale ONNX Runtime gives a bias (input scale x weight
     scale), any scale reading zero as zero."""
     like = next(c.bias_value for c in convs if c.bias_value is not None)
-    parts = [c.bias_value or Weight(np.zeros(c.out_channels, like.stored.dtype), zero_bias_quantization(c, like)) for c in convs]
+    parts = [c.bias_value if c.bias_value is not None else Weight(np.zeros(c.out_channels, like.stored.dtype), zero_bias_quantization(c, like))
+             for c in convs]
     return merged_weight(graph, stem, parts, np.concatenate([p.stored for p in parts]))
 
 
 def zero_bias_quantization(conv: ConvInfo, like: Weight) -> Quantization | None:
-    q = like.quantization
+    q, weight_quantization = like.quantization, conv.weight_value.quantization
     if q is None:
         return None
-    scale = per_filter(conv.weight_value.quantization.scale, conv.out_channels).astype(q.scale.dtype)
+    scale = np.ones(conv.out_channels, q.scale.dtype)
+    if weight_quantization is not None:
+        scale = per_filter(weight_quantization.scale, conv.out_channels).astype(q.scale.dtype)
     dequantize = producer_of(conv.input, "DequantizeLinear")
     input_scale = constant_value(dequantize.inputs[1]) if dequantize is not None else None
     if input_scale is not None and input_scale.size == 1:

@@ -309,6 +309,19 @@ def test_merges_ort_int8_siblings_with_equal_output_quantization_into_one_conv_a
     assert_same_integers(model, out, ["e1_QuantizeLinear_Output", "e3_QuantizeLinear_Output"])
 
 
+def test_gives_a_sibling_without_a_bias_int32_zeros_beside_the_others_int32_bias():
+    model = load_case("merge_convs/qdq_ort_fire_one_bias")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    dq, scale, zero_point = quantization_of(out, only(out, "Conv").input[2])
+    stored = constant(out, dq.input[0])
+    assert stored.dtype == np.int32 and attr(dq, "axis") == 0
+    np.testing.assert_array_equal(stored, np.concatenate([np.zeros(8, np.int32), constant(model, "b3_quantized")]))
+    np.testing.assert_array_equal(scale[8:], constant(model, "b3_quantized_scale"))
+    np.testing.assert_array_equal(scale[:8], constant(model, "x_scale") * constant(model, "w1_scale"))  # as ORT scales a bias
+    assert not zero_point.any()
+    assert_same_integers(model, out, ["e1_QuantizeLinear_Output", "e3_QuantizeLinear_Output"])
+
+
 def test_merges_siblings_reading_equal_but_separate_input_qdq_pairs():
     # ORT's DedicatedQDQPair gives each reader its own Q -> DQ of x; canonicalization merges them,
     # the pass without it must see one input too.
