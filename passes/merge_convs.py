@@ -733,8 +733,9 @@ def site_nodes(payload: SiblingGroup | ConvChain) -> list[gs.Node]:
     if isinstance(payload, ConvChain):
         return [payload.pointwise.node, payload.follower.node]
     quantized = payload.quantized_output
-    return ([c.node for c in payload.convs] + (payload.activations or []) + (quantized.quantizers + quantized.dequantizers if quantized else [])
-            + ([payload.concat] if payload.concat else []))
+    output_quantization = quantized.quantizers + quantized.dequantizers if quantized else []
+    concat = [payload.concat] if payload.concat else []
+    return [c.node for c in payload.convs] + (payload.activations or []) + output_quantization + concat
 
 
 # -- rewriting ---------------------------------------------------------------------------------------
@@ -817,8 +818,8 @@ def merged_bias(graph: gs.Graph, stem: str, convs: list[ConvInfo]) -> gs.Tensor:
     quantized bias is integer zeros with the scale ONNX Runtime gives a bias (input scale x weight
     scale), any scale reading zero as zero."""
     like = next(c.bias_value for c in convs if c.bias_value is not None)
-    parts = [c.bias_value if c.bias_value is not None else Weight(np.zeros(c.out_channels, like.stored.dtype), zero_bias_quantization(c, like))
-             for c in convs]
+    parts = [c.bias_value if c.bias_value is not None
+             else Weight(np.zeros(c.out_channels, like.stored.dtype), zero_bias_quantization(c, like)) for c in convs]
     return merged_weight(graph, stem, parts, np.concatenate([p.stored for p in parts]))
 
 

@@ -299,7 +299,8 @@ def test_merges_ort_int8_siblings_with_equal_output_quantization_into_one_conv_a
     np.testing.assert_array_equal(zero_point, np.zeros(16, np.int8))
     # The int32 biases and their per-channel scales, concatenated.
     dq, scale, _ = quantization_of(out, conv.input[2])
-    np.testing.assert_array_equal(constant(out, dq.input[0]), np.concatenate([constant(model, "b1_quantized"), constant(model, "b3_quantized")]))
+    expected = np.concatenate([constant(model, "b1_quantized"), constant(model, "b3_quantized")])
+    np.testing.assert_array_equal(constant(out, dq.input[0]), expected)
     np.testing.assert_array_equal(scale, np.concatenate([constant(model, "b1_quantized_scale"), constant(model, "b3_quantized_scale")]))
     # One Q -> DQ after the merged Conv writes what the Concat wrote; the Concat's own Q stays.
     quantize = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
@@ -340,7 +341,8 @@ def test_merges_per_tensor_weights_with_different_scales_into_per_channel_weight
     assert attr(dq, "axis") == 0 and scale.shape == (16,)
     np.testing.assert_array_equal(scale, [constant(model, "wa_scale")] * 12 + [constant(model, "wb_scale")] * 4)
     np.testing.assert_array_equal(zero_point, np.zeros(16, np.int8))
-    np.testing.assert_array_equal(constant(out, dq.input[0]), np.concatenate([constant(model, "wa_quantized"), constant(model, "wb_quantized")]))
+    expected = np.concatenate([constant(model, "wa_quantized"), constant(model, "wb_quantized")])
+    np.testing.assert_array_equal(constant(out, dq.input[0]), expected)
     # Conv -> Q -> DQ -> Split: the Split writes the siblings' dequantized outputs, the graph outputs.
     assert next(n for n in out.graph.node if split.input[0] in n.output).op_type == "DequantizeLinear"
     assert list(split.output) == ["ya", "yb"] == [o.name for o in out.graph.output]
