@@ -1,17 +1,22 @@
 """merge-convs: merge sibling convolutions that read one tensor into one wider Conv.
 
-Matches two or more Convs reading the same tensor (siblings): group 1, auto_pad NOTSET, constant
-float weights and biases of one dtype, equal strides and dilations, the same static output shape.
-Kernels may differ (SqueezeNet's 1x1 beside a 3x3): each is zero-padded into one window covering
-every sibling's taps, placed so that it reads exactly the inputs it read before.
+Matches two or more Convs reading the same tensor, or equal QuantizeLinear -> DequantizeLinear
+pairs of one tensor (siblings): group 1, auto_pad NOTSET, constant weights and biases of one float
+dtype, stored alike (all plain; or all int8 -> DQ, or all float -> Q -> DQ, per output channel or
+per tensor, same dtypes and Q/DQ attributes), equal strides and dilations, the same static output
+shape. Kernels may differ (SqueezeNet's 1x1 beside a 3x3): each is padded into one window covering
+every sibling's taps with zero taps (a quantized filter's zero point), so it reads what it read.
 
 Emits one Conv whose output channels are the siblings' in order, then a Split on axis 1 that
-writes the siblings' own output tensors, so graph outputs keep name, dtype and shape. When every
-sibling feeds only the same activation (op, attributes, equal constant extras), one activation
-follows the merged Conv; when the siblings' (activated) outputs are exactly the inputs of one
-Concat on axis 1, the merged Conv writes the Concat's output and neither Split nor Concat is left.
-`vertical` (off by default) also composes a 1x1 Conv (stride 1, no pads) into the Conv that alone
-reads it, when that does not grow the FLOPs; rewrites make new sites, so it works in rounds.
+writes the siblings' own output tensors, so graph outputs keep name, dtype and shape. Quantized
+weights stay in their form, per output channel: integers (or floats) and scales concatenated, a
+per-tensor scale repeated. When every sibling feeds only the same activation (op, attributes,
+equal constant extras), one activation follows the merged Conv; when every (activated) output goes
+only to an equal per-tensor QuantizeLinear -> DequantizeLinear, one Q -> DQ follows and the Split
+parts the DQ output; when the siblings' last outputs are exactly the inputs of one Concat on axis
+1, the merged Conv (or its activation, Q/DQ) writes the Concat's output: no Split, no Concat.
+`vertical` (off by default) also composes a plain 1x1 Conv (stride 1, no pads) into the Conv that
+alone reads it, when that does not grow the FLOPs; rewrites make new sites, so it works in rounds.
 
 Why TensorRT benefits: TensorRT merges siblings itself only when their kernels are identical and
 they are not Q/DQ (NVIDIA/TensorRT#501, #1602), so a fire module's 1x1 + 3x3 stays two kernels.
@@ -23,20 +28,22 @@ they end in the same activation, so the Split never parts a Conv from the activa
 would fuse it with. The report gives each site's FLOPs before and after. Derivations and
 evidence: docs/passes/merge-convs.md.
 
-Declines, counted by reason: runtime or quantized (Q/DQ) weights (each sibling's output
-quantization would sit behind the Split, unfused; not implemented), group != 1, auto_pad, dtypes
-other than float32/float16, unknown spatial shapes, an output read in a subgraph; siblings whose
-strides, dilations, tap lattice or output shape differ; an aligned sibling whose activation no
-other sibling shares; a group over `max_flop_growth` (siblings with identical windows in it still
-merge) or `max_out_channels`, or under `min_siblings`. FLOP decisions count live channels only:
-pad-channels' zero filters would otherwise turn a decline into a merge when `all` runs again.
+Declines, counted by reason: runtime weights, weights quantized along another axis or to other
+types than int8/uint8, group != 1, auto_pad, dtypes other than float32/float16, unknown spatial
+shapes, an output read in a subgraph; siblings whose strides, dilations, tap lattice or output
+shape differ; quantized beside plain siblings, or quantized differently; siblings whose outputs
+are quantized differently, or some quantized and others not (one Q/DQ must serve all); an aligned
+sibling whose activation no other sibling shares; a group over `max_flop_growth` (siblings with
+identical windows in it still merge) or `max_out_channels`, or under `min_siblings`. FLOP
+decisions count live channels only: pad-channels' zero filters would otherwise turn a decline into
+a merge when `all` runs again.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,11 +53,15 @@ import onnx_graphsurgeon as gs
 from graphopt.graphs import (
     DEFAULT_DOMAINS,
     FLOAT_DTYPES,
+    Quantization,
+    Weight,
+    constant_value,
     equal_constants,
     export_like,
     is_graph_output,
     live_channels,
     make_constant,
+    make_weight,
     node_names,
     nodes_with_op,
     set_split_sizes,
@@ -68,7 +79,11 @@ ACTIVATIONS = frozenset({
 })
 FP16_ALIGNMENT = 8  # channels tensor cores want at FP16 (docs/passes/merge-convs.md)
 
-QUANTIZED = "quantized weight (Q/DQ): quantized siblings are not merged"
+WEIGHT_FORMS_DIFFER = "siblings' weights are quantized differently (int -> DQ or float -> Q -> DQ, dtypes, Q/DQ attributes)"
+MIXED_QUANTIZED = "quantized and plain-weight siblings are not merged"
+OUTPUT_Q_DIFFERS = "siblings' output quantization differs"
+OUTPUT_Q_MIXED = "some siblings' outputs are quantized and others not"
+OUTPUT_Q_SHAPE = "a sibling's output QuantizeLinear is not per-tensor with constant parameters and one DequantizeLinear after it"
 NO_GEOMETRY_MATCH = "no sibling with the same strides, dilations, pad lattice and output shape"
 MIXED_ACTIVATIONS = "aligned siblings end in different activations: the Split would part a Conv from its activation"
 FLOPS_GROW = "zero-padded kernels would grow the group's FLOPs past max-flop-growth"
@@ -103,8 +118,8 @@ class ConvInfo:
     """A Conv that passed every precondition, with its constants and window read out."""
 
     node: gs.Node
-    weight: np.ndarray
-    bias: np.ndarray | None
+    weight_value: Weight  # stored as it came: plain, integers -> DQ, or float -> Q -> DQ
+    bias_value: Weight | None
     begin: tuple[int, ...]  # pads before each spatial axis
     end: tuple[int, ...]  # pads after each spatial axis
     strides: tuple[int, ...]
@@ -114,6 +129,24 @@ class ConvInfo:
     activation: gs.Node | None  # the elementwise activation that alone reads the output
     live_out: int  # output and input channels that compute something (graphs.live_channels)
     live_in: int
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The stored weight: floats, or a quantized weight's integers (float form: its floats)."""
+        return self.weight_value.stored
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return None if self.bias_value is None else self.bias_value.stored
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The float type the Conv computes in (a quantized weight's scale type)."""
+        return self.weight_value.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_value.quantized or (self.bias_value is not None and self.bias_value.quantized)
 
     @property
     def kernel(self) -> tuple[int, ...]:
@@ -151,7 +184,20 @@ class ConvInfo:
     def merge_key(self) -> tuple:
         """Siblings with equal keys can share one merged window: their taps lie on one lattice."""
         lattice = tuple(self.first_tap(a) % d for a, d in enumerate(self.dilations))
-        return (self.input.name, self.weight.dtype, self.strides, self.dilations, lattice, self.out_spatial)
+        return (data_source(self.input), self.dtype, self.strides, self.dilations, lattice, self.out_spatial)
+
+    @property
+    def form(self) -> Hashable:
+        """How the weight is stored; siblings merge only with siblings of the same form."""
+        return weight_form(self.weight_value)
+
+    @property
+    def zero_tap(self) -> np.ndarray:
+        """The stored value of a zero tap, per filter: the zero point for stored integers, else 0."""
+        q = self.weight_value.quantization
+        if q is None or q.quantize is not None:
+            return np.zeros((), self.weight.dtype)
+        return per_filter(q.zero_point, self.out_channels).reshape([-1] + [1] * (self.weight.ndim - 1))
 
 
 @dataclass(frozen=True)
@@ -181,8 +227,12 @@ class MergedWindow:
         return cls(tuple(kernel), tuple(begin), tuple(end), first.strides, first.dilations)
 
     def pad_kernel(self, conv: ConvInfo) -> np.ndarray:
+        """The sibling's stored kernel inside the merged window, the rest zero taps."""
         offsets = [(B - b) // d for B, b, d in zip(self.begin, conv.begin, self.dilations)]
-        return np.pad(conv.weight, [(0, 0), (0, 0)] + [(t, K - k - t) for t, K, k in zip(offsets, self.kernel, conv.kernel)])
+        padded = np.empty(conv.weight.shape[:2] + self.kernel, conv.weight.dtype)
+        padded[...] = conv.zero_tap
+        padded[(slice(None), slice(None), *(slice(t, t + k) for t, k in zip(offsets, conv.kernel)))] = conv.weight
+        return padded
 
     def output_spatial(self, in_spatial: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(
@@ -207,7 +257,20 @@ class SiblingGroup:
     convs: list[ConvInfo]
     window: MergedWindow
     activations: list[gs.Node] | None  # each sibling's activation, when they share one
+    quantized_output: OutputQuantization | None  # each sibling's equal output Q -> DQ
     concat: gs.Node | None  # the Concat that the merged output replaces
+
+
+@dataclass(frozen=True)
+class OutputQuantization:
+    """Each sibling's output QuantizeLinear and the one DequantizeLinear reading it, all equal."""
+
+    quantizers: list[gs.Node]
+    dequantizers: list[gs.Node]
+
+    @property
+    def ends(self) -> list[gs.Tensor]:
+        return [dq.outputs[0] for dq in self.dequantizers]
 
 
 @dataclass(frozen=True)
@@ -257,19 +320,36 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
             if len(members) == 1:
                 stats.skip(NO_GEOMETRY_MATCH)
                 continue
-            for same_end in by_activation(members):
-                if len(same_end) == 1:
-                    stats.skip(MIXED_ACTIVATIONS)
-                    continue
-                groups = [same_end]
-                if MergedWindow.covering(same_end).flop_growth(same_end) > self.options.max_flop_growth:
-                    stats.skip(FLOPS_GROW)
-                    groups = [g for g in same_window(same_end) if len(g) > 1]
-                for convs in groups:
-                    if (reason := self.group_problem(convs)) is not None:
-                        stats.skip(reason)
-                    else:
-                        yield plan_group(graph, convs)
+            for same_form in self.by_form(members, stats):
+                yield from self.groups_of_one_form(graph, same_form, stats)
+
+    def by_form(self, members: list[ConvInfo], stats: PassStats) -> Iterator[list[ConvInfo]]:
+        """The siblings whose weights are stored alike (all plain, or all quantized alike)."""
+        forms: dict[Hashable, list[ConvInfo]] = defaultdict(list)
+        for conv in members:
+            forms[conv.form].append(conv)
+        for same in forms.values():
+            if len(same) > 1:
+                yield same
+            elif len(forms) > 1:
+                stats.skip(MIXED_QUANTIZED if None in forms else WEIGHT_FORMS_DIFFER)
+
+    def groups_of_one_form(self, graph: gs.Graph, members: list[ConvInfo], stats: PassStats) -> Iterator[SiblingGroup]:
+        for same_end in by_activation(members):
+            if len(same_end) == 1:
+                stats.skip(MIXED_ACTIVATIONS)
+                continue
+            groups = [same_end]
+            if MergedWindow.covering(same_end).flop_growth(same_end) > self.options.max_flop_growth:
+                stats.skip(FLOPS_GROW)
+                groups = [g for g in same_window(same_end) if len(g) > 1]
+            for convs in groups:
+                if (reason := self.group_problem(convs)) is not None:
+                    stats.skip(reason)
+                elif isinstance(plan := plan_group(graph, convs), str):
+                    stats.skip(plan)
+                else:
+                    yield plan
 
     def group_problem(self, convs: list[ConvInfo]) -> str | None:
         if len(convs) < self.options.min_siblings:
@@ -277,6 +357,8 @@ class MergeConvs(GraphPass[MergeConvsOptions]):
         cap = self.options.max_out_channels
         if cap is not None and sum(c.out_channels for c in convs) > cap:
             return TOO_WIDE
+        if len({weight_form(c.bias_value) for c in convs if c.bias_value is not None}) > 1:
+            return WEIGHT_FORMS_DIFFER
         window = MergedWindow.covering(convs)
         if any(window.output_spatial(c.in_spatial) != c.out_spatial for c in convs):
             return WINDOW_MISMATCH  # cannot happen for valid models; a guard, not a feature
@@ -370,10 +452,55 @@ class Rounds:
 
 def sibling_readers(graph: gs.Graph) -> list[list[gs.Node]]:
     """Convs grouped by the tensor they read, in graph order, where two or more read one tensor."""
-    readers: dict[str, list[gs.Node]] = defaultdict(list)
+    readers: dict[Hashable, list[gs.Node]] = defaultdict(list)
     for conv in nodes_with_op(graph, "Conv"):
-        readers[conv.inputs[0].name].append(conv)
+        readers[data_source(conv.inputs[0])].append(conv)
     return [convs for convs in readers.values() if len(convs) > 1]
+
+
+def data_source(tensor: gs.Tensor) -> Hashable:
+    """What a Conv reads, equal for equal values: the tensor, or for the output of QuantizeLinear ->
+    DequantizeLinear, the quantized tensor and both nodes' parameters (ONNX Runtime's
+    DedicatedQDQPair, or a graph not canonicalized, gives each reader its own equal pair)."""
+    dequantize = producer_of(tensor, "DequantizeLinear")
+    quantize = producer_of(dequantize.inputs[0], "QuantizeLinear") if dequantize is not None else None
+    if quantize is None:
+        return tensor.name
+    signatures = (quantizer_signature(quantize), quantizer_signature(dequantize))
+    return tensor.name if None in signatures else (quantize.inputs[0].name, signatures)
+
+
+def producer_of(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    return node if node is not None and node.op == op and node.domain in DEFAULT_DOMAINS else None
+
+
+def quantizer_signature(node: gs.Node) -> Hashable | None:
+    """A Q or DQ node's attributes and constant scale and zero point, hashable; None when a
+    parameter is not a constant."""
+    parameters = []
+    for tensor in node.inputs[1:]:
+        value = constant_value(tensor) if tensor.name else None
+        if tensor.name and value is None:
+            return None
+        parameters.append(None if value is None else (value.dtype.str, value.shape, value.tobytes()))
+    return (node.op, tuple(sorted((k, repr(v)) for k, v in node.attrs.items())), tuple(parameters))
+
+
+def weight_form(value: Weight) -> Hashable:
+    """None for a plain constant; for a quantized one, what its merged weight must share: stored,
+    scale and zero point dtypes, float or integer form, the Q/DQ attributes but the axis."""
+    q = value.quantization
+    if q is None:
+        return None
+    attrs = [tuple(sorted((k, repr(v)) for k, v in node.attrs.items() if k != "axis")) for node in (q.dequantize, q.quantize) if node]
+    return (value.stored.dtype.str, q.scale.dtype.str, q.zero_point.dtype.str, q.quantize is not None, *attrs)
+
+
+def per_filter(values: np.ndarray, channels: int) -> np.ndarray:
+    """A quantization parameter per output channel: per-channel as it is, per-tensor repeated."""
+    flat = values.reshape(-1)
+    return flat if flat.size == channels else np.repeat(flat, channels)
 
 
 def conv_problem(graph: gs.Graph, conv: gs.Node) -> str | None:
@@ -389,10 +516,10 @@ def conv_problem(graph: gs.Graph, conv: gs.Node) -> str | None:
     conv_weight, bias = weight(conv.inputs[1]), weight(conv.inputs[2]) if has_bias(conv) else None
     if conv_weight is None:
         return "weight is not a constant"
-    if conv_weight.quantized or (bias is not None and bias.quantized):
-        return QUANTIZED
     if has_bias(conv) and bias is None:
         return "bias is not a constant"
+    if (reason := quantization_problem(conv_weight, bias)) is not None:
+        return reason
     if conv_weight.dtype not in FLOAT_DTYPES:
         return "weight dtype is not float32 or float16"
     if bias is not None and bias.dtype != conv_weight.dtype:
@@ -419,6 +546,21 @@ def conv_problem(graph: gs.Graph, conv: gs.Node) -> str | None:
     return None
 
 
+def quantization_problem(conv_weight: Weight, bias: Weight | None) -> str | None:
+    """Quantized weights merge per output channel, padded with zero-point taps: int8/uint8 (float
+    form: quantized to them) along axis 0 or per tensor; integer biases likewise."""
+    for value, what in ((conv_weight, "weight"), (bias, "bias")):
+        q = value.quantization if value is not None else None
+        if q is None:
+            continue
+        if q.axis not in (None, 0):
+            return f"{what} quantized along an axis other than the output channels"
+        types = (np.int8, np.uint8) if what == "weight" else (np.int8, np.uint8, np.int32)
+        if q.zero_point.dtype not in [np.dtype(t) for t in types]:
+            return f"{what} quantized to a type other than {', '.join(np.dtype(t).name for t in types)}"
+    return None
+
+
 def has_bias(conv: gs.Node) -> bool:
     return len(conv.inputs) > 2 and bool(conv.inputs[2].name)
 
@@ -426,13 +568,13 @@ def has_bias(conv: gs.Node) -> bool:
 def describe_conv(graph: gs.Graph, conv: gs.Node) -> ConvInfo:
     """Read out a Conv that passed `conv_problem`."""
     conv_weight = weight(conv.inputs[1])
-    bias = weight(conv.inputs[2]).stored if has_bias(conv) else None
+    bias = weight(conv.inputs[2]) if has_bias(conv) else None
     spatial = len(conv_weight.shape) - 2
     pads = [int(p) for p in conv.attrs.get("pads", [0] * 2 * spatial)]
     return ConvInfo(
         node=conv,
-        weight=conv_weight.stored,
-        bias=bias,
+        weight_value=conv_weight,
+        bias_value=bias,
         begin=tuple(pads[:spatial]),
         end=tuple(pads[spatial:]),
         strides=tuple(int(s) for s in conv.attrs.get("strides", [1] * spatial)),
@@ -440,9 +582,21 @@ def describe_conv(graph: gs.Graph, conv: gs.Node) -> ConvInfo:
         in_spatial=tuple(int(d) for d in conv.inputs[0].shape[2:]),
         out_spatial=tuple(int(d) for d in conv.outputs[0].shape[2:]),
         activation=activation_of(graph, conv.outputs[0]),
-        live_out=live_channels(conv_weight, 0, bias),
+        live_out=live_channels(conv_weight, 0, None if bias is None else dequantized(bias)),
         live_in=live_channels(conv_weight, 1),
     )
+
+
+def dequantized(value: Weight) -> np.ndarray:
+    """A weight's value as a reader sees it, in float64 (to tell which entries are zero)."""
+    q = value.quantization
+    if q is None:
+        return value.stored
+    shape = [-1 if a == q.axis else 1 for a in range(value.stored.ndim)] if q.axis is not None else []
+    stored = value.stored.astype(np.float64)
+    if q.quantize is not None:
+        return stored
+    return (stored - q.zero_point.astype(np.float64).reshape(shape)) * q.scale.astype(np.float64).reshape(shape)
 
 
 def activation_of(graph: gs.Graph, out: gs.Tensor) -> gs.Node | None:
@@ -487,16 +641,58 @@ def same_window(convs: list[ConvInfo]) -> list[list[ConvInfo]]:
     return list(groups.values())
 
 
-def plan_group(graph: gs.Graph, convs: list[ConvInfo]) -> SiblingGroup:
-    """Find the shared activation and the Concat to drop, and order the siblings by that Concat."""
+def plan_group(graph: gs.Graph, convs: list[ConvInfo]) -> SiblingGroup | str:
+    """Find the shared activation, the output quantization and the Concat to drop, and order the
+    siblings by that Concat; or the reason their output quantization cannot be shared."""
     activations = [c.activation for c in convs]
     shared = all(a is not None and same_op(a, activations[0]) for a in activations)
     tails = [a.outputs[0] for a in activations] if shared else [c.output for c in convs]
-    concat = concat_of_exactly(graph, tails)
+    quantized = output_quantization(graph, tails)
+    if isinstance(quantized, str):
+        return quantized
+    ends = quantized.ends if quantized is not None else tails
+    concat = concat_of_exactly(graph, ends)
     if concat is not None:
-        position = {id(t): i for i, t in enumerate(concat.inputs)}
-        convs = sorted(convs, key=lambda c: position[id(c.activation.outputs[0] if shared else c.output)])
-    return SiblingGroup(convs, MergedWindow.covering(convs), [c.activation for c in convs] if shared else None, concat)
+        order = sorted(range(len(convs)), key=lambda i: [id(t) for t in concat.inputs].index(id(ends[i])))
+        convs, activations = [convs[i] for i in order], [activations[i] for i in order]
+        if quantized is not None:
+            quantized = OutputQuantization([quantized.quantizers[i] for i in order], [quantized.dequantizers[i] for i in order])
+    return SiblingGroup(convs, MergedWindow.covering(convs), activations if shared else None, quantized, concat)
+
+
+def output_quantization(graph: gs.Graph, tails: list[gs.Tensor]) -> OutputQuantization | None | str:
+    """Each sibling's output QuantizeLinear -> DequantizeLinear, when every (activated) output goes
+    only to one; they must be equal and per tensor, which commutes with Split and Concat. None when
+    no output is quantized; else the reason one Q/DQ cannot serve them all."""
+    quantizers = [quantizer_of(graph, t) for t in tails]
+    if all(q is None for q in quantizers):
+        return None
+    if any(q is None for q in quantizers):
+        return OUTPUT_Q_MIXED
+    dequantizers = [sole_consumer(q.outputs[0]) for q in quantizers]
+    for q, dq in zip(quantizers, dequantizers):
+        if (dq is None or dq.op != "DequantizeLinear" or dq.domain not in DEFAULT_DOMAINS or dq.inputs[0] is not q.outputs[0]
+                or len(q.outputs) != 1 or len(dq.outputs) != 1 or is_graph_output(graph, q.outputs[0])
+                or used_in_subgraph(graph, q.outputs[0]) or not (per_tensor(q) and per_tensor(dq))):
+            return OUTPUT_Q_SHAPE
+    if len({quantizer_signature(q) for q in quantizers}) > 1 or len({quantizer_signature(dq) for dq in dequantizers}) > 1:
+        return OUTPUT_Q_DIFFERS
+    return OutputQuantization(quantizers, dequantizers)
+
+
+def quantizer_of(graph: gs.Graph, tail: gs.Tensor) -> gs.Node | None:
+    """The QuantizeLinear that alone reads a sibling's (activated) output, if one does."""
+    q = sole_consumer(tail)
+    if (q is None or q.op != "QuantizeLinear" or q.domain not in DEFAULT_DOMAINS or q.inputs[0] is not tail
+            or is_graph_output(graph, tail) or used_in_subgraph(graph, tail)):
+        return None
+    return q
+
+
+def per_tensor(node: gs.Node) -> bool:
+    """Scalar constant scale and zero point (or none), no blocks: one Q/DQ for any channel count."""
+    values = [constant_value(t) if t.name else np.zeros(()) for t in node.inputs[1:]]
+    return quantizer_signature(node) is not None and all(v.ndim == 0 for v in values) and not node.attrs.get("block_size", 0)
 
 
 def concat_of_exactly(graph: gs.Graph, tails: list[gs.Tensor]) -> gs.Node | None:
@@ -518,6 +714,8 @@ def composition_problem(graph: gs.Graph, chain: ConvChain) -> str | None:
     first, second = chain.pointwise, chain.follower
     if any(k != 1 for k in first.kernel) or any(s != 1 for s in first.strides) or any(first.begin + first.end):
         return "first conv is not 1x1 with stride 1 and no pads"
+    if first.quantized or second.quantized:
+        return "quantized weights are not composed"
     if first.weight.dtype != second.weight.dtype:
         return "the two convs have different dtypes"
     if is_graph_output(graph, first.output):
@@ -534,7 +732,10 @@ def site_nodes(payload: SiblingGroup | ConvChain) -> list[gs.Node]:
     """Every node a site's rewrite replaces."""
     if isinstance(payload, ConvChain):
         return [payload.pointwise.node, payload.follower.node]
-    return [c.node for c in payload.convs] + (payload.activations or []) + ([payload.concat] if payload.concat else [])
+    quantized = payload.quantized_output
+    output_quantization = quantized.quantizers + quantized.dequantizers if quantized else []
+    concat = [payload.concat] if payload.concat else []
+    return [c.node for c in payload.convs] + (payload.activations or []) + output_quantization + concat
 
 
 # -- rewriting ---------------------------------------------------------------------------------------
@@ -542,14 +743,22 @@ def site_nodes(payload: SiblingGroup | ConvChain) -> list[gs.Node]:
 
 def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> None:
     convs, window, activations, concat = group.convs, group.window, group.activations, group.concat
+    quantized = group.quantized_output
     stem = f"{convs[0].node.name}_merged"
-    dtype = convs[0].weight.dtype
+    dtype = convs[0].dtype
     weight_values = np.concatenate([window.pad_kernel(c) for c in convs], axis=0)
-    inputs = [convs[0].input, make_constant(graph, f"{stem}_weight", weight_values)]
+    inputs = [convs[0].input, merged_weight(graph, f"{stem}_weight", [c.weight_value for c in convs], weight_values)]
     if any(c.bias is not None for c in convs):
-        bias = np.concatenate([c.bias if c.bias is not None else np.zeros(c.out_channels, dtype) for c in convs])
-        inputs.append(make_constant(graph, f"{stem}_bias", bias))
-    tails = [a.outputs[0] for a in activations] if activations else [c.output for c in convs]
+        inputs.append(merged_bias(graph, f"{stem}_bias", convs))
+    # The merged Conv, then what the siblings shared after it: the activation, the output Q -> DQ.
+    steps = [("Conv", stem, window.attrs(), inputs[1:], dtype)]
+    if activations:
+        act = activations[0]
+        steps.append((act.op, f"{stem}_{act.op.lower()}", dict(act.attrs), act.inputs[1:], dtype))
+    if quantized:
+        for like in (quantized.quantizers[0], quantized.dequantizers[0]):
+            steps.append((like.op, f"{stem}_{like.op.lower()}", dict(like.attrs), like.inputs[1:], like.outputs[0].dtype))
+    ends = quantized.ends if quantized else [a.outputs[0] for a in activations] if activations else [c.output for c in convs]
     final = concat.outputs[0] if concat is not None else None
     # Shaped, so that a later round (vertical) can tell the merged Conv's geometry.
     shape = [convs[0].output.shape[0], int(weight_values.shape[0]), *convs[0].out_spatial]
@@ -557,23 +766,22 @@ def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> No
     for old in site_nodes(group):
         old.outputs.clear()
 
-    def tensor(suffix: str) -> gs.Variable:
-        return gs.Variable(unique_name(graph, f"{stem}_{suffix}"), dtype=dtype, shape=shape)
-
-    merged = final if final is not None and not activations else tensor("output")
-    new_nodes = [gs.Node("Conv", unique_name(graph, stem), window.attrs(), inputs=inputs, outputs=[merged])]
-    if activations:
-        act = activations[0]
-        activated = final if final is not None else tensor(act.op.lower())
-        new_nodes.append(gs.Node(act.op, unique_name(graph, f"{stem}_{act.op.lower()}"), dict(act.attrs),
-                                 inputs=[merged, *act.inputs[1:]], outputs=[activated]))
-        merged = activated
+    current, new_nodes = convs[0].input, []
+    for index, (op, name, attrs, extra_inputs, out_dtype) in enumerate(steps):
+        last = index == len(steps) - 1
+        out = final if last and final is not None else gs.Variable(unique_name(graph, f"{name}_output"), dtype=out_dtype, shape=shape)
+        new_nodes.append(gs.Node(op, unique_name(graph, name), attrs, inputs=[current, *extra_inputs], outputs=[out]))
+        current = out
     if concat is None:
-        new_nodes.append(gs.Node("Split", unique_name(graph, f"{stem}_split"), {"axis": 1}, inputs=[merged], outputs=tails))
+        new_nodes.append(gs.Node("Split", unique_name(graph, f"{stem}_split"), {"axis": 1}, inputs=[current], outputs=ends))
         set_split_sizes(graph, new_nodes[-1], [c.out_channels for c in convs])
     graph.nodes.extend(new_nodes)
 
     stats.counters["convs_merged"] += len(convs)
+    if convs[0].weight_value.quantized:
+        stats.counters["quantized_convs_merged"] += len(convs)
+    if quantized:
+        stats.counters["output_quantizers_shared"] += len(convs)
     stats.counters["kernels_zero_padded"] += sum(c.kernel != window.kernel for c in convs)
     if activations:
         stats.counters["activations_shared"] += len(activations)
@@ -589,7 +797,44 @@ def merge_siblings(graph: gs.Graph, group: SiblingGroup, stats: PassStats) -> No
         "flop_growth": round(window.flop_growth(convs), 3),
         "activation": activations[0].op if activations else None,
         "concat_dropped": concat is not None,
+        "output_quantized": quantized is not None,
     })
+
+
+def merged_weight(graph: gs.Graph, stem: str, siblings: list[Weight], stored: np.ndarray) -> gs.Tensor:
+    """The merged weight in the siblings' form: stored values concatenated; a quantized one per
+    output channel (axis 0), each sibling's scales and zero points in its filters' places."""
+    like = siblings[0]
+    if like.quantization is None:
+        return make_constant(graph, stem, stored)
+    channels = [w.shape[0] for w in siblings]
+    scale = np.concatenate([per_filter(w.quantization.scale, n) for w, n in zip(siblings, channels)])
+    zero_point = np.concatenate([per_filter(w.quantization.zero_point, n) for w, n in zip(siblings, channels)])
+    return make_weight(graph, stem, like, stored, scale, zero_point, axis=0)
+
+
+def merged_bias(graph: gs.Graph, stem: str, convs: list[ConvInfo]) -> gs.Tensor:
+    """The siblings' biases concatenated in their form, zero for a sibling without one. A missing
+    quantized bias is integer zeros with the scale ONNX Runtime gives a bias (input scale x weight
+    scale), any scale reading zero as zero."""
+    like = next(c.bias_value for c in convs if c.bias_value is not None)
+    parts = [c.bias_value if c.bias_value is not None
+             else Weight(np.zeros(c.out_channels, like.stored.dtype), zero_bias_quantization(c, like)) for c in convs]
+    return merged_weight(graph, stem, parts, np.concatenate([p.stored for p in parts]))
+
+
+def zero_bias_quantization(conv: ConvInfo, like: Weight) -> Quantization | None:
+    q, weight_quantization = like.quantization, conv.weight_value.quantization
+    if q is None:
+        return None
+    scale = np.ones(conv.out_channels, q.scale.dtype)
+    if weight_quantization is not None:
+        scale = per_filter(weight_quantization.scale, conv.out_channels).astype(q.scale.dtype)
+    dequantize = producer_of(conv.input, "DequantizeLinear")
+    input_scale = constant_value(dequantize.inputs[1]) if dequantize is not None else None
+    if input_scale is not None and input_scale.size == 1:
+        scale = (scale * input_scale.reshape(())).astype(q.scale.dtype)
+    return Quantization(q.dequantize, scale, np.zeros(conv.out_channels, q.zero_point.dtype), 0, q.quantize)
 
 
 def compose_chain(graph: gs.Graph, chain: ConvChain, stats: PassStats) -> None:

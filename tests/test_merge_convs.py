@@ -2,15 +2,28 @@
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import helper
 
 from graphopt.modelio import infer_shapes
 from graphopt.spec import parse_options
 from graphopt.testing import assert_equivalent
-from passes.merge_convs import FLOPS_GROW, MIXED_ACTIVATIONS, NO_GEOMETRY_MATCH, TOO_FEW, TOO_WIDE, MergeConvs
+from passes.merge_convs import (
+    FLOPS_GROW,
+    MIXED_ACTIVATIONS,
+    MIXED_QUANTIZED,
+    NO_GEOMETRY_MATCH,
+    OUTPUT_Q_DIFFERS,
+    OUTPUT_Q_MIXED,
+    TOO_FEW,
+    TOO_WIDE,
+    WEIGHT_FORMS_DIFFER,
+    MergeConvs,
+)
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
-from tests.helpers import assert_rewrites_equivalently, assert_unchanged, attr, constant, only, op_counts, run_pass
+from tests.helpers import assert_rewrites_equivalently, assert_unchanged, attr, canonical, constant, only, op_counts, run_pass
 
 
 def producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
@@ -220,9 +233,173 @@ def test_leaves_siblings_whose_pads_give_different_output_shapes_alone():
     assert_unchanged(load_case("merge_convs/incompatible_pads"), MergeConvs(), reason=NO_GEOMETRY_MATCH)
 
 
-def test_leaves_quantized_siblings_alone():
-    record = assert_unchanged(load_case("merge_convs/qdq_siblings"), MergeConvs())
-    assert record.skipped == {"quantized weight (Q/DQ): quantized siblings are not merged": 2}
+# -- quantized (Q/DQ) siblings ------------------------------------------------------------------------
+
+
+def feeds(model: onnx.ModelProto, count: int = 3) -> list[dict[str, np.ndarray]]:
+    """Normal inputs (a dynamic batch at 2): every channel of every sibling sees both signs."""
+    rng = np.random.default_rng(7)
+    shapes = {i.name: [d.dim_value or 2 for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()} for _ in range(count)]
+
+
+def quantized_outputs(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The integers every QuantizeLinear writes (weights' included), on each input, stacked."""
+    names = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in {o.name for o in probe.graph.output})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = [session.run(names, feed) for feed in inputs]
+    return {name: np.stack([run[i] for run in runs]) for i, name in enumerate(names)}
+
+
+def assert_same_integers(before: onnx.ModelProto, after: onnx.ModelProto, siblings: list[str]) -> None:
+    """Every QuantizeLinear left writes the integers it wrote before, and the merged one writes the
+    siblings' output integers (`siblings`: their Q outputs, in channel order) concatenated. Exact:
+    the merged Conv sums the same products; its zero taps add exact zeros."""
+    inputs = feeds(before)
+    old, new = quantized_outputs(canonical(before), inputs), quantized_outputs(after, inputs)
+    [merged] = [name for name in new if name not in old]
+    np.testing.assert_array_equal(new.pop(merged), np.concatenate([old[name] for name in siblings], axis=2))
+    for name, integers in new.items():
+        np.testing.assert_array_equal(integers, old[name], err_msg=name)
+
+
+def initializer_of(model: onnx.ModelProto, tensor: str, hops: int) -> str:
+    """The constant `hops` single-input producers up from `tensor` (a weight's Q/DQ chain)."""
+    for _ in range(hops):
+        tensor = next(n for n in model.graph.node if tensor in n.output).input[0]
+    return tensor
+
+
+def quantization_of(model: onnx.ModelProto, tensor: str) -> tuple[onnx.NodeProto, np.ndarray, np.ndarray]:
+    """The DequantizeLinear writing `tensor`, its scale and zero point."""
+    dq = next(n for n in model.graph.node if tensor in n.output)
+    assert dq.op_type == "DequantizeLinear"
+    return dq, constant(model, dq.input[1]), constant(model, dq.input[2])
+
+
+def test_merges_ort_int8_siblings_with_equal_output_quantization_into_one_conv_and_one_q():
+    model = load_case("merge_convs/qdq_ort_fire")
+    out, record = assert_rewrites_equivalently(model, MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "QuantizeLinear": 3, "DequantizeLinear": 5}  # x, merged output, Concat; weight, bias
+    assert "Concat" not in op_counts(out) and record.counters["concats_dropped"] == 1
+    conv = only(out, "Conv")
+    assert attr(conv, "kernel_shape") == [3, 3] and attr(conv, "pads") == [1, 1, 1, 1]
+    # The integers: the 1x1's at the centre of zero-point taps (0: symmetric), the 3x3's as they were.
+    dq, scale, zero_point = quantization_of(out, conv.input[1])
+    stored = constant(out, dq.input[0])
+    assert stored.dtype == np.int8 and attr(dq, "axis") == 0
+    np.testing.assert_array_equal(stored[:8, :, 1:2, 1:2], constant(model, "w1_quantized"))
+    assert not stored[:8, :, [0, 0, 2, 2], [0, 2, 0, 2]].any()
+    np.testing.assert_array_equal(stored[8:], constant(model, "w3_quantized"))
+    np.testing.assert_array_equal(scale, np.concatenate([constant(model, "w1_scale"), constant(model, "w3_scale")]))
+    np.testing.assert_array_equal(zero_point, np.zeros(16, np.int8))
+    # The int32 biases and their per-channel scales, concatenated.
+    dq, scale, _ = quantization_of(out, conv.input[2])
+    expected = np.concatenate([constant(model, "b1_quantized"), constant(model, "b3_quantized")])
+    np.testing.assert_array_equal(constant(out, dq.input[0]), expected)
+    np.testing.assert_array_equal(scale, np.concatenate([constant(model, "b1_quantized_scale"), constant(model, "b3_quantized_scale")]))
+    # One Q -> DQ after the merged Conv writes what the Concat wrote; the Concat's own Q stays.
+    quantize = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
+    assert constant(out, quantize.input[1]) == constant(model, "e1_scale") == constant(model, "e3_scale")
+    assert next(n for n in out.graph.node if quantize.output[0] in n.input).output == ["y_QuantizeLinear_Input"]
+    assert record.counters["quantized_convs_merged"] == 2 and record.counters["output_quantizers_shared"] == 2
+    assert_same_integers(model, out, ["e1_QuantizeLinear_Output", "e3_QuantizeLinear_Output"])
+
+
+def test_gives_a_sibling_without_a_bias_int32_zeros_beside_the_others_int32_bias():
+    model = load_case("merge_convs/qdq_ort_fire_one_bias")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    dq, scale, zero_point = quantization_of(out, only(out, "Conv").input[2])
+    stored = constant(out, dq.input[0])
+    assert stored.dtype == np.int32 and attr(dq, "axis") == 0
+    np.testing.assert_array_equal(stored, np.concatenate([np.zeros(8, np.int32), constant(model, "b3_quantized")]))
+    np.testing.assert_array_equal(scale[8:], constant(model, "b3_quantized_scale"))
+    np.testing.assert_array_equal(scale[:8], constant(model, "x_scale") * constant(model, "w1_scale"))  # as ORT scales a bias
+    assert not zero_point.any()
+    assert_same_integers(model, out, ["e1_QuantizeLinear_Output", "e3_QuantizeLinear_Output"])
+
+
+def test_merges_siblings_reading_equal_but_separate_input_qdq_pairs():
+    # ORT's DedicatedQDQPair gives each reader its own Q -> DQ of x; canonicalization merges them,
+    # the pass without it must see one input too.
+    out, record = assert_rewrites_equivalently(load_case("merge_convs/qdq_ort_fire"), MergeConvs(), canonicalize=False)
+    assert op_counts(out)["Conv"] == 1 and op_counts(out)["QuantizeLinear"] == 3
+    assert record.counters["convs_merged"] == 2
+
+
+def test_merges_per_tensor_weights_with_different_scales_into_per_channel_weights():
+    model = load_case("merge_convs/qdq_ort_per_tensor")
+    out, record = assert_rewrites_equivalently(model, MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Split": 1, "QuantizeLinear": 2, "DequantizeLinear": 3}
+    conv, split = only(out, "Conv"), only(out, "Split")
+    dq, scale, zero_point = quantization_of(out, conv.input[1])
+    assert constant(model, "wa_scale") != constant(model, "wb_scale")
+    assert attr(dq, "axis") == 0 and scale.shape == (16,)
+    np.testing.assert_array_equal(scale, [constant(model, "wa_scale")] * 12 + [constant(model, "wb_scale")] * 4)
+    np.testing.assert_array_equal(zero_point, np.zeros(16, np.int8))
+    expected = np.concatenate([constant(model, "wa_quantized"), constant(model, "wb_quantized")])
+    np.testing.assert_array_equal(constant(out, dq.input[0]), expected)
+    # Conv -> Q -> DQ -> Split: the Split writes the siblings' dequantized outputs, the graph outputs.
+    assert next(n for n in out.graph.node if split.input[0] in n.output).op_type == "DequantizeLinear"
+    assert list(split.output) == ["ya", "yb"] == [o.name for o in out.graph.output]
+    assert record.counters["output_quantizers_shared"] == 2
+    assert_same_integers(model, out, ["ya_QuantizeLinear_Output", "yb_QuantizeLinear_Output"])
+
+
+def test_merges_modelopt_float16_weights_behind_quantizelinear_in_that_form():
+    model = load_case("merge_convs/qdq_modelopt_fire")
+    out, record = assert_rewrites_equivalently(model, MergeConvs())
+    assert op_counts(out)["Conv"] == 1 and op_counts(out)["Relu"] == 1 and "Concat" not in op_counts(out)
+    conv = only(out, "Conv")
+    dq, scale, zero_point = quantization_of(out, conv.input[1])
+    quantize = next(n for n in out.graph.node if dq.input[0] in n.output)
+    assert quantize.op_type == "QuantizeLinear" and attr(quantize, "axis") == 0
+    stored = constant(out, quantize.input[0])
+    assert stored.dtype == np.float16
+    np.testing.assert_array_equal(stored[:8, :, 1:2, 1:2], constant(model, "w1_f"))
+    assert not stored[:8, :, [0, 0, 2, 2], [0, 2, 0, 2]].any()  # a float zero quantizes to the zero point
+    np.testing.assert_array_equal(stored[8:], constant(model, "w3_f"))
+    np.testing.assert_array_equal(scale, np.concatenate([constant(model, "w1_s"), constant(model, "w3_s")]))
+    assert scale.dtype == np.float16 and zero_point.dtype == np.int8
+    bias = constant(out, conv.input[2])  # plain float16, as it came
+    np.testing.assert_array_equal(bias, np.concatenate([constant(model, "b1"), constant(model, "b3")]))
+    assert record.counters["quantized_convs_merged"] == 2 and "output_quantizers_shared" not in record.counters
+
+
+def test_merges_int8_siblings_whose_outputs_are_not_quantized():
+    model = load_case("merge_convs/qdq_siblings")
+    out, _ = assert_rewrites_equivalently(model, MergeConvs())
+    assert op_counts(out) == {"Conv": 1, "Split": 1, "QuantizeLinear": 1, "DequantizeLinear": 2}
+    dq, scale, _ = quantization_of(out, only(out, "Conv").input[1])
+    np.testing.assert_array_equal(constant(out, dq.input[0]), np.concatenate([constant(model, "wa_q"), constant(model, "wb_q")]))
+    np.testing.assert_array_equal(scale, np.full(8, 0.01, np.float32))
+
+
+def test_leaves_siblings_with_different_output_quantization_alone():
+    assert_unchanged(load_case("merge_convs/qdq_ort_fire_output_scales_differ"), MergeConvs(), reason=OUTPUT_Q_DIFFERS)
+
+
+def test_leaves_a_quantized_output_beside_a_plain_one_alone():
+    assert_unchanged(load_case("merge_convs/qdq_output_quantized_beside_plain"), MergeConvs(), reason=OUTPUT_Q_MIXED)
+
+
+def test_leaves_a_plain_weight_sibling_beside_a_quantized_one_alone():
+    record = assert_unchanged(load_case("merge_convs/qdq_plain_beside_quantized"), MergeConvs(), reason=MIXED_QUANTIZED)
+    assert record.skipped == {MIXED_QUANTIZED: 2}
+
+
+def test_leaves_siblings_with_weights_in_different_quantized_forms_alone():
+    record = assert_unchanged(load_case("merge_convs/qdq_weight_forms_differ"), MergeConvs(), reason=WEIGHT_FORMS_DIFFER)
+    assert record.skipped == {WEIGHT_FORMS_DIFFER: 2}
+
+
+def test_does_not_compose_quantized_convs():
+    model = load_case("merge_convs/qdq_siblings")
+    assert MergeConvs(vertical=True).apply(model).applied == MergeConvs().apply(model).applied
 
 
 # -- vertical ------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def check(ctx: LintContext) -> list[Finding]:
 def _hint(convs: list[gs.Node]) -> str | None:
     """Why merge-convs may leave the group alone (shown only when the forecast says it does)."""
     if any(_reads_dequantized(c) for c in convs):
-        return "merge-convs declines Q/DQ siblings, so merge them in the float model before quantizing"
+        return ("merge-convs merges Q/DQ siblings only when their weights are quantized alike and one output "
+                "quantization serves them all; else merge them in the float model before quantizing")
     if (growth := flop_growth(convs)) > (limit := pass_default("merge-convs", "max_flop_growth")):
         return f"zero-padding the kernels to one window grows their FLOPs {growth:.1f}x, over merge-convs' max-flop-growth {limit:g}"
     return None
