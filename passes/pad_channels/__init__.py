@@ -65,7 +65,7 @@ from .sites import (
     root_problem,
     round_up,
 )
-from .sites import SKIP_ALIGNED, SKIP_QUANT_LAYOUT, SKIP_SUBGRAPH, SKIP_WEIGHT  # noqa: F401 (the reasons it counts)
+from .sites import SKIP_ALIGNED, SKIP_BIAS, SKIP_BIAS_LAYOUT, SKIP_QUANT_LAYOUT, SKIP_SUBGRAPH, SKIP_WEIGHT  # noqa: F401 (the reasons it counts)
 
 
 @dataclass(frozen=True)
