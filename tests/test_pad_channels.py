@@ -6,6 +6,7 @@ from itertools import combinations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
@@ -21,6 +22,7 @@ from passes.pad_channels import (
     SKIP_WEIGHT,
     PadChannels,
 )
+from passes.pad_channels.rewrite import conv_cost
 from tests.fixtures.cases import load_case
 from tests.fixtures.zoo import load_zoo_model
 from tests.helpers import assert_rewrites_equivalently, assert_unchanged, op_counts, run_pass
@@ -444,6 +446,14 @@ def test_pads_a_per_tensor_int32_bias_with_its_zero_point():
     assert bias_scale.shape == bias_zero.shape == () and bias_zero == 5 and bias_scale == value(model, "conv1.bs")
     assert (bias_q[:17] == value(model, "conv1.bq")).all() and (bias_q[17:] == 5).all()  # (5 - 5) * s = 0
     ort_outputs_equal(model, out)
+
+
+def test_counts_no_filter_whose_quantized_bias_is_its_zero_point_as_work():
+    # the 15 new filters of conv1 are zero with bias entries 5 - 5: a later site must not count them
+    out, _ = assert_rewrites_equivalently(load_case("pad_channels/ort_qdq_bias_per_tensor_zero_point_17"), INT8_16)
+    [conv1] = [n for n in gs.import_onnx(infer_shapes(out)).nodes if n.name == "conv1"]
+    per_filter_and_input = 2 * 3 * 3 * 8 * 8
+    assert conv_cost(conv1, 32, grows_out=False, grows_in=False).flops == (per_filter_and_input * 17 * 16,) * 2
 
 
 def test_pads_a_float16_bias_behind_a_quantize_linear_in_that_form_with_scale_one():
