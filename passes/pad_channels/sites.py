@@ -161,12 +161,10 @@ def weight_problem(conv: gs.Node) -> str | None:
 
 def quantized_as(quantized: Weight, types: tuple[np.dtype, ...], axes: tuple[int | None, ...]) -> bool:
     """Whether a quantized weight is stored in one of `types` (integers or float8 -> DQ, or a float
-    constant -> Q -> DQ to one of them), per tensor or along one of `axes`, with one zero point a scale
-    (per tensor, ONNX Runtime writes a bias's scale as [s] beside a scalar zero point)."""
+    constant -> Q -> DQ to one of them), per tensor or along one of `axes`, with one zero point a scale."""
     q = quantized.quantization
     stored = quantized.stored.dtype
-    one_each = q.zero_point.shape == q.scale.shape or (q.axis is None and q.zero_point.size == 1)
-    return (q.axis in axes and q.zero_point.dtype in types and one_each
+    return (q.axis in axes and q.zero_point.dtype in types and q.zero_point.shape == q.scale.shape
             and (stored in FLOAT_DTYPES if q.quantize is not None else stored == q.zero_point.dtype))
 
 
