@@ -520,6 +520,17 @@ def test_pads_float8_weights_to_fp8s_16_keeping_their_type():
     ort_outputs_equal(model, out)
 
 
+def test_counts_float8_filters_of_small_values_as_work():
+    # conv2's last 8 filters hold 0.5 in float8 and no bias: live, though an integer cast would call them zero
+    graph = gs.import_onnx(infer_shapes(load_case("pad_channels/fp8_chain_12")))
+    [conv2] = [n for n in graph.nodes if n.name == "conv2"]
+    stored, bias = conv2.inputs[1].inputs[0].inputs[0], conv2.inputs[2]
+    stored.values, bias.values = np.array(stored.values, copy=True), np.array(bias.values, copy=True)
+    stored.values[8:], bias.values[8:] = np.array(0.5, stored.values.dtype), 0
+    per_filter_and_input = 2 * 3 * 3 * 8 * 8
+    assert conv_cost(conv2, 16, grows_out=False, grows_in=True).flops == (per_filter_and_input * 16 * 12, per_filter_and_input * 16 * 16)
+
+
 def test_declines_an_int16_bias():
     assert_unchanged(load_case("pad_channels/qdq_int16_bias_17"), INT8_17_TO_32, reason=SKIP_BIAS_LAYOUT)
 
