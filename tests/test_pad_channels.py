@@ -14,6 +14,7 @@ from graphopt.modelio import infer_shapes
 from graphopt.verify import Verifier, make_feed, run_onnxruntime
 from passes.pad_channels import (
     SKIP_ALIGNED,
+    SKIP_BIAS,
     SKIP_BIAS_LAYOUT,
     SKIP_FIRST_LAYER,
     SKIP_OVERHEAD,
@@ -529,6 +530,10 @@ def test_counts_float8_filters_of_small_values_as_work():
     stored.values[8:], bias.values[8:] = np.array(0.5, stored.values.dtype), 0
     per_filter_and_input = 2 * 3 * 3 * 8 * 8
     assert conv_cost(conv2, 16, grows_out=False, grows_in=True).flops == (per_filter_and_input * 16 * 12, per_filter_and_input * 16 * 16)
+
+
+def test_declines_a_conv_with_a_runtime_bias():
+    assert_unchanged(load_case("pad_channels/runtime_bias_17"), PadChannels(), reason=SKIP_BIAS)
 
 
 def test_declines_an_int16_bias():
