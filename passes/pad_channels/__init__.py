@@ -1,14 +1,14 @@
 """pad-channels: pad unaligned Conv output channels with zero filters, up to a multiple of `align`.
 
-Matches a Conv (group 1; its weight and bias constants, or quantized: int8/uint8/float8 behind a
+Matches a Conv (group 1; weight and bias constants, or quantized: int8/uint8/float8 behind a
 DequantizeLinear, or float -> QuantizeLinear -> DequantizeLinear, the weight per tensor or per
 output or input channel, the bias (also int32) per tensor or per channel; static output shape)
-whose output channel count C is not a
-multiple of its layer's alignment. A layer's precision is read from the graph (graphopt.precision:
-Q/DQ on input and weight -> int8 or fp8, float16 tensors -> fp16, float32 -> the `precision`
-option) and aligns to 8 (fp16), 16 (fp8) or `int8_align` (32; 16 on request), or to `align` when
-given; the report says per conv how its precision was decided. The conv roots a
-*site*: everything that must change with it for the graph to compute the same outputs.
+whose output channel count C is not a multiple of its layer's alignment. A layer's precision is
+read from the graph (graphopt.precision: Q/DQ on input and weight -> int8 or fp8, float16 tensors
+-> fp16, float32 -> the `precision` option) and aligns to 8 (fp16), 16 (fp8) or `int8_align` (32;
+16 on request), or to `align` when given; the report says per conv how its precision was decided.
+The conv roots a *site*: everything that must change with it for the graph to compute the same
+outputs.
 
 Emits, for C -> Cp (C rounded up to the alignment):
   1. the root conv with Cp - C zero filters and zero bias, quantized ones in their form (new
@@ -36,8 +36,9 @@ default 0.5) keeps 1->8, 3->8 and 4->8 out. Citations, measurements and why the 
 docs/passes/pad-channels.md. The report gives each site's FLOPs before and after.
 
 Declines, counted by reason: grouped or aligned roots; runtime or non-float weights, weights or
-biases quantized otherwise (int4, int16, FNUZ float8, blocked); unknown spatial sizes; overhead above `max_overhead`; a padded tensor read in a subgraph
-or of unknown channel count; a graph input unless `pad_first_layer`; opset below 11.
+biases quantized otherwise (int4, int16, FNUZ float8, blocked); unknown spatial sizes; overhead
+above `max_overhead`; a padded tensor read in a subgraph or of unknown channel count; a graph
+input unless `pad_first_layer`; opset below 11.
 """
 
 from __future__ import annotations

@@ -144,8 +144,10 @@ def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
         own_scale = q.axis == axis
         if own_scale or q.quantize is not None:
             fill = 0  # a float 0 quantizes to the zero point
-        else:  # each new integer is the zero point of its scale: (zp - zp) * s = 0
-            fill = q.zero_point.reshape([-1 if a == q.axis else 1 for a in range(conv_weight.stored.ndim)]) if q.per_channel else q.zero_point.reshape(())
+        elif q.per_channel:  # each new integer is the zero point of its scale: (zp - zp) * s = 0
+            fill = q.zero_point.reshape([-1 if a == q.axis else 1 for a in range(conv_weight.stored.ndim)])
+        else:
+            fill = q.zero_point.reshape(())
         scale = pad_axis(q.scale, 0, size, 1.0) if own_scale else q.scale
         zero_point = pad_axis(q.zero_point, 0, size, 0) if own_scale else q.zero_point
         conv.inputs[1] = make_weight(graph, stem, conv_weight, pad_axis(conv_weight.stored, axis, size, fill), scale, zero_point)
