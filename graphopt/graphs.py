@@ -465,10 +465,11 @@ def live_channels(weight: Weight, axis: int, bias: np.ndarray | None = None) -> 
     if quantization is None or quantization.quantize is not None:  # a float zero quantizes to the zero point
         nonzero = stored != 0
     else:
-        zero_point = quantization.zero_point.astype(np.int64)
+        # float64 holds every int8..int32 and float8 value exactly (int64 would truncate float8's 0.5)
+        zero_point = quantization.zero_point.astype(np.float64)
         if quantization.axis is not None:
             zero_point = zero_point.reshape([-1 if a == quantization.axis else 1 for a in range(stored.ndim)])
-        nonzero = stored.astype(np.int64) != zero_point
+        nonzero = stored.astype(np.float64) != zero_point
     live = np.any(nonzero, axis=tuple(a for a in range(stored.ndim) if a != axis))
     if bias is not None:
         live = live | (bias != 0)

@@ -1,15 +1,18 @@
 """pad-channels: pad unaligned Conv output channels with zero filters, up to a multiple of `align`.
 
-Matches a Conv (group 1; its weight a constant, or int8/uint8 integers behind a DequantizeLinear
-per tensor or per output channel; static output shape) whose output channel count C is not a
-multiple of its layer's alignment. A layer's precision is read from the graph (graphopt.precision:
-Q/DQ on input and weight -> int8 or fp8, float16 tensors -> fp16, float32 -> the `precision`
-option) and aligns to 8 (fp16), 16 (fp8) or `int8_align` (32; 16 on request), or to `align` when
-given; the report says per conv how its precision was decided. The conv roots a
-*site*: everything that must change with it for the graph to compute the same outputs.
+Matches a Conv (group 1; weight and bias constants, or quantized: int8/uint8/float8 behind a
+DequantizeLinear, or float -> QuantizeLinear -> DequantizeLinear, the weight per tensor or per
+output or input channel, the bias (also int32) per tensor or per channel; static output shape)
+whose output channel count C is not a multiple of its layer's alignment. A layer's precision is
+read from the graph (graphopt.precision: Q/DQ on input and weight -> int8 or fp8, float16 tensors
+-> fp16, float32 -> the `precision` option) and aligns to 8 (fp16), 16 (fp8) or `int8_align` (32;
+16 on request), or to `align` when given; the report says per conv how its precision was decided.
+The conv roots a *site*: everything that must change with it for the graph to compute the same
+outputs.
 
 Emits, for C -> Cp (C rounded up to the alignment):
-  1. the root conv with Cp - C zero filters and zero bias;
+  1. the root conv with Cp - C zero filters and zero bias, quantized ones in their form (new
+     entries the zero point, or stored 0 with their own scale and zero point 0);
   2. the extra channels carried through the channel-wise ops that read them: activations, pools,
      spatial reductions, BatchNormalization, Add/Sub/Mul/Div by a constant (per-channel entries
      grow with 0 or 1), per-tensor and per-channel (axis 1) Q/DQ, depthwise convs, and
@@ -32,9 +35,10 @@ layer is never padded, and `max_overhead` (extra FLOPs over the FLOPs of the con
 default 0.5) keeps 1->8, 3->8 and 4->8 out. Citations, measurements and why the rewrite is exact:
 docs/passes/pad-channels.md. The report gives each site's FLOPs before and after.
 
-Declines, counted by reason: grouped or aligned roots; runtime, non-float or otherwise quantized
-weights; unknown spatial sizes; overhead above `max_overhead`; a padded tensor read in a subgraph
-or of unknown channel count; a graph input unless `pad_first_layer`; opset below 11.
+Declines, counted by reason: grouped or aligned roots; runtime or non-float weights, weights or
+biases quantized otherwise (int4, int16, FNUZ float8, blocked); unknown spatial sizes; overhead
+above `max_overhead`; a padded tensor read in a subgraph or of unknown channel count; a graph
+input unless `pad_first_layer`; opset below 11.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from .sites import (
     root_problem,
     round_up,
 )
-from .sites import SKIP_ALIGNED, SKIP_QUANT_LAYOUT, SKIP_SUBGRAPH, SKIP_WEIGHT  # noqa: F401 (the reasons it counts)
+from .sites import SKIP_ALIGNED, SKIP_BIAS, SKIP_BIAS_LAYOUT, SKIP_QUANT_LAYOUT, SKIP_SUBGRAPH, SKIP_WEIGHT  # noqa: F401 (the reasons it counts)
 
 
 @dataclass(frozen=True)

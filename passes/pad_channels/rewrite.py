@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
+from graphopt.graphs import Weight, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
 from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
@@ -34,7 +34,7 @@ def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> Co
     conv_weight = weight(conv.inputs[1])
     out_channels, in_per_group = conv_weight.shape[:2]
     group = conv.attrs.get("group", 1)
-    bias = weight(conv.inputs[2]).stored if has_bias(conv) else None
+    bias = bias_offsets(weight(conv.inputs[2])) if has_bias(conv) else None
     per_channel_pair = 2 * math.prod(conv_weight.shape[2:]) * math.prod(conv.outputs[0].shape[2:])
     live_out = out_channels if grows_out else live_channels(conv_weight, 0, bias)
     live_in = in_per_group if grows_in or group != 1 else live_channels(conv_weight, 1)
@@ -45,6 +45,15 @@ def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> Co
         (per_channel_pair * live_out * live_in,
          per_channel_pair * (padded if grows_out else live_out) * (padded if grows_in and group == 1 else live_in)),
     )
+
+
+def bias_offsets(bias: Weight) -> np.ndarray:
+    """Per output channel, a value that is 0 exactly where the bias reads 0: a quantized bias's
+    stored integers minus their zero point (a float before its QuantizeLinear: itself)."""
+    q = bias.quantization
+    if q is None or q.quantize is not None:
+        return bias.stored
+    return bias.stored.astype(np.float64) - q.zero_point.astype(np.float64)
 
 
 def total_flops(costs: list[ConvCost]) -> tuple[int, int]:
@@ -122,26 +131,64 @@ def pad_conv(graph: gs.Graph, conv: gs.Node, axis: int, size: int) -> None:
     """Grow the conv's weight along `axis` (0: filters, with their bias; 1: input channels) with zeros.
 
     Reads the weight the graph holds now, so two sites growing one conv on different axes
-    compose in either order. A quantized weight stays quantized, in the form it came in.
+    compose in either order. A quantized weight or bias stays quantized, in the form it came in.
     """
     conv_weight = weight(conv.inputs[1])
     stem = f"{conv.name}_weight_padded"
-    if axis == 0 and has_bias(conv):
-        bias = pad_axis(weight(conv.inputs[2]).stored, 0, size, 0.0)
-        conv.inputs[2] = make_constant(graph, f"{conv.name}_bias_padded", bias)
     q = conv_weight.quantization
+    weight_scale = None  # per output channel (or one), as a quantized bias's scale relates to it
     if q is None:
         conv.inputs[1] = make_constant(graph, stem, pad_axis(conv_weight.stored, axis, size, 0.0))
-        return
-    new_filters = axis == 0 and q.axis == 0  # with their own scale 1 and zero point 0: (0 - 0) * 1 = 0
-    if new_filters or q.quantize is not None:
-        fill = 0  # a float 0 quantizes to the zero point
-    else:  # each new integer is its filter's zero point: (zp - zp) * s = 0
-        fill = q.zero_point.reshape((-1,) + (1,) * (conv_weight.stored.ndim - 1)) if q.per_channel else q.zero_point.reshape(())
-    stored = pad_axis(conv_weight.stored, axis, size, fill)
-    scale = pad_axis(q.scale, 0, size, 1.0) if new_filters else q.scale
-    zero_point = pad_axis(q.zero_point, 0, size, 0) if new_filters else q.zero_point
-    conv.inputs[1] = make_weight(graph, stem, conv_weight, stored, scale, zero_point)
+    else:
+        # New entries along the quantization axis get their own scale 1 and zero point 0: (0 - 0) * 1 = 0.
+        own_scale = q.axis == axis
+        if own_scale or q.quantize is not None:
+            fill = 0  # a float 0 quantizes to the zero point
+        elif q.per_channel:  # each new integer is the zero point of its scale: (zp - zp) * s = 0
+            fill = q.zero_point.reshape([-1 if a == q.axis else 1 for a in range(conv_weight.stored.ndim)])
+        else:
+            fill = q.zero_point.reshape(())
+        scale = pad_axis(q.scale, 0, size, 1.0) if own_scale else q.scale
+        zero_point = pad_axis(q.zero_point, 0, size, 0) if own_scale else q.zero_point
+        conv.inputs[1] = make_weight(graph, stem, conv_weight, pad_axis(conv_weight.stored, axis, size, fill), scale, zero_point)
+        weight_scale = scale if q.axis in (None, 0) else None
+    if axis == 0 and has_bias(conv):
+        conv.inputs[2] = padded_bias(graph, conv, size, weight_scale)
+
+
+def padded_bias(graph: gs.Graph, conv: gs.Node, size: int, weight_scale: np.ndarray | None) -> gs.Tensor:
+    """The conv's bias grown to `size` entries that read 0, in the form it came in.
+
+    A quantized bias per tensor grows with its zero point (a float bias behind a QuantizeLinear
+    with 0, which quantizes to it); per channel, with stored 0, zero point 0 and a positive scale:
+    the input scale x the new filter's weight scale where the old bias scales are that product
+    (what ONNX Runtime's quantize_static writes, and ONNX's QLinearConv requires of its bias), else 1.
+    Any positive scale dequantizes the stored 0 to 0; the product keeps the bias in that form.
+    """
+    bias = weight(conv.inputs[2])
+    stem = f"{conv.name}_bias_padded"
+    q = bias.quantization
+    if q is None:
+        return make_constant(graph, stem, pad_axis(bias.stored, 0, size, 0.0))
+    if not q.per_channel:
+        fill = 0 if q.quantize is not None else q.zero_point.reshape(())
+        return make_weight(graph, stem, bias, pad_axis(bias.stored, 0, size, fill))
+    scale = pad_axis(q.scale, 0, size, new_bias_scales(conv, q.scale, weight_scale, size))
+    return make_weight(graph, stem, bias, pad_axis(bias.stored, 0, size, 0), scale, pad_axis(q.zero_point, 0, size, 0))
+
+
+def new_bias_scales(conv: gs.Node, bias_scale: np.ndarray, weight_scale: np.ndarray | None, size: int) -> np.ndarray | float:
+    """Scales for the bias entries of new filters: input scale x weight scale if the old ones are that, else 1."""
+    dequantize = conv.inputs[0].inputs[0] if len(conv.inputs[0].inputs) == 1 else None
+    input_scale = constant_value(dequantize.inputs[1]) if dequantize is not None and dequantize.op == "DequantizeLinear" else None
+    if input_scale is None or input_scale.size != 1 or weight_scale is None:
+        return 1.0
+    per_filter = np.broadcast_to(weight_scale.reshape(-1) if weight_scale.size > 1 else weight_scale.reshape(()), (size,))
+    expected = (input_scale.reshape(()) * per_filter).astype(bias_scale.dtype)
+    old, new = expected[:bias_scale.shape[0]], expected[bias_scale.shape[0]:]
+    if np.allclose(bias_scale, old, rtol=1e-6, atol=0) and np.all(np.isfinite(new)) and np.all(new > 0):
+        return new
+    return 1.0
 
 
 def add_split_output(graph: gs.Graph, split: gs.Node, channels: int, padded: int) -> None:

@@ -7,12 +7,20 @@ from enum import Enum
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
+from onnx.helper import tensor_dtype_to_np_dtype
 
-from graphopt.graphs import FLOAT_DTYPES, weight
+from graphopt.graphs import FLOAT_DTYPES, Weight, weight
 from graphopt.precision import LayerPrecision
 
 VALID_ALIGNS = (8, 16, 32)
-QUANTIZED_TYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+# The stored types of a quantized conv weight the pass grows: the INT8 and FP8 layers of
+# graphopt.precision. Not int4/uint4: onnx-graphsurgeon 0.6.1 writes a read int4 constant one byte
+# an element, not packed, so the model it exports is invalid. Not the FNUZ float8 types: it
+# writes them back as E4M3FN/E5M2, another type.
+QUANTIZED_TYPES = tuple(tensor_dtype_to_np_dtype(t) for t in (TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2))
+# A quantized bias: ONNX Runtime's int32 (scale = input scale x weight scale), or any of the above.
+BIAS_TYPES = (np.dtype(np.int32), *QUANTIZED_TYPES)
 MIN_OPSET = 11  # Slice and Pad take their parameters as inputs from here on
 
 # Ops that compute each output channel from the same input channel only.
@@ -28,7 +36,8 @@ SKIP_ALIGNED = "output channels already aligned"
 SKIP_WEIGHT = "weight is not a constant"
 SKIP_BIAS = "bias is not a constant"
 SKIP_DTYPE = "weight dtype is not float32/float16"
-SKIP_QUANT_LAYOUT = "quantized weight layout not supported (only int8/uint8, per-tensor or axis 0)"
+SKIP_QUANT_LAYOUT = "quantized weight layout not supported (only int8/uint8/float8 e4m3fn/e5m2, per-tensor, axis 0 or 1)"
+SKIP_BIAS_LAYOUT = "quantized bias layout not supported (only int32/int8/uint8/float8 e4m3fn/e5m2, per-tensor or axis 0)"
 SKIP_SHAPE = "output shape not static (channels and spatial size are needed for FLOPs)"
 SKIP_OVERHEAD = "FLOP overhead above max_overhead"
 SKIP_SUBGRAPH = "a padded tensor is read inside a subgraph"
@@ -139,14 +148,24 @@ def weight_problem(conv: gs.Node) -> str | None:
         return SKIP_WEIGHT
     if conv_weight.dtype not in FLOAT_DTYPES:
         return SKIP_DTYPE
-    if (q := conv_weight.quantization) is not None and not (
-        q.axis in (None, 0) and q.zero_point.dtype in QUANTIZED_TYPES and q.zero_point.shape == q.scale.shape
-        and (q.quantize is not None or conv_weight.stored.dtype in QUANTIZED_TYPES)
-    ):
+    if conv_weight.quantized and not quantized_as(conv_weight, QUANTIZED_TYPES, axes=(None, 0, 1)):
         return SKIP_QUANT_LAYOUT
-    if has_bias(conv) and ((bias := weight(conv.inputs[2])) is None or bias.quantized or bias.dtype not in FLOAT_DTYPES):
+    if not has_bias(conv):
+        return None
+    if (bias := weight(conv.inputs[2])) is None or bias.dtype not in FLOAT_DTYPES:
         return SKIP_BIAS
+    if bias.quantized and not quantized_as(bias, BIAS_TYPES, axes=(None, 0)):
+        return SKIP_BIAS_LAYOUT
     return None
+
+
+def quantized_as(quantized: Weight, types: tuple[np.dtype, ...], axes: tuple[int | None, ...]) -> bool:
+    """Whether a quantized weight is stored in one of `types` (integers or float8 -> DQ, or a float
+    constant -> Q -> DQ to one of them), per tensor or along one of `axes`, with one zero point a scale."""
+    q = quantized.quantization
+    stored = quantized.stored.dtype
+    return (q.axis in axes and q.zero_point.dtype in types and q.zero_point.shape == q.scale.shape
+            and (stored in FLOAT_DTYPES if q.quantize is not None else stored == q.zero_point.dtype))
 
 
 def has_bias(conv: gs.Node) -> bool:
