@@ -44,6 +44,9 @@ from graphopt.modelio import infer_shapes
 
 OWN_SUFFIX = "__graphopt_own"  # the candidate's own integers at a cut point (its input is the reference's)
 REFERENCE_SUFFIX = "__graphopt_reference"  # a grown cut point's reference part, fed from outside
+# Quantized types ONNX Runtime slices and concatenates (a grown cut point of another type, float8
+# or int4, is not a cut: its region extends).
+_SLICEABLE = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
             continue
         ref_type, cand_type = ref_types.get(name), cand_types.get(cand_name)
         grown = None if ref_type is None or cand_type is None else _grown_axis(ref_type.type, cand_type.type)
-        if grown is False:
+        if grown is False or (grown is not None and ref_type.type.tensor_type.elem_type not in _SLICEABLE):
             continue
         if not _same_parameters(ref_node, ref_constants, cand_node, cand_constants):
             continue
