@@ -30,7 +30,9 @@ import io
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from graphopt.graphs import keep_declared_interface
 from graphopt.modelio import check_model, is_large, without_initializers
@@ -126,7 +128,9 @@ def weights_far_from_changes(model: onnx.ModelProto, since: onnx.ModelProto) -> 
     that only nodes the pass left unchanged read, none of them next to a changed node or two
     steps from one, takes part in none, and onnxsim gets it as a graph input instead: on
     ResNet-50 after fc-to-conv, 100 MB it would otherwise copy several times (1.3 s of 1.4 s).
-    Only weights of 1 KiB or more, unchanged by name and value, are held back.
+    Only weights of 1 KiB or more, unchanged by name and value, are held back; and none equal to
+    a weight the pass added, which onnxsim merges with it wherever both are read (`since`, being
+    canonical, holds no two equal weights of its own).
     """
     old = {t.name: t for t in since.graph.initializer}
     new_weights = {t.name for t in model.graph.initializer if t.name not in old or t != old[t.name]}
@@ -137,10 +141,25 @@ def weights_far_from_changes(model: onnx.ModelProto, since: onnx.ModelProto) -> 
     for _ in range(2):  # two steps out from every changed node
         near |= {t for n in model.graph.node if near.intersection(n.input) or near.intersection(n.output) for t in (*n.input, *n.output)}
     interface = {v.name for v in [*model.graph.input, *model.graph.output]}
+    added: dict[tuple, list[onnx.TensorProto]] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in new_weights:
+            added.setdefault(_layout(tensor), []).append(tensor)
     return {
         t.name for t in model.graph.initializer
         if t.name not in near | new_weights | interface and t.ByteSize() >= HELD_BACK_MIN_BYTES and not t.data_location
+        and not _equal_to_one_of(t, added)
     }
+
+
+def _layout(tensor: onnx.TensorProto) -> tuple:
+    return tensor.data_type, tuple(tensor.dims)
+
+
+def _equal_to_one_of(tensor: onnx.TensorProto, added: dict[tuple, list[onnx.TensorProto]]) -> bool:
+    """Whether a weight the pass added has this one's type, shape and values (compared only where the layout matches)."""
+    twins = added.get(_layout(tensor), [])
+    return bool(twins) and any(np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(tensor)) for t in twins)
 
 
 HELD_BACK_MIN_BYTES = 1024

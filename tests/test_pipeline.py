@@ -248,3 +248,24 @@ def test_canonicalization_after_a_pass_holds_back_only_weights_two_nodes_from_an
     assert weights_far_from_changes(after, before) == {"w0", "w1", "w2"}
     held_back = Simplify().apply(after, since=before).model
     assert held_back.SerializeToString() == Simplify().apply(after).model.SerializeToString()
+
+
+def test_a_weight_equal_to_one_a_pass_added_is_not_held_back():
+    """onnxsim merges equal weights wherever they are read: holding one back would leave the
+    duplicate for the next run's canonicalization (no fixed point)."""
+    from graphopt.passes.simplify import Simplify, weights_far_from_changes
+
+    before = conv_chain(6)
+    after = conv_chain(6)
+    w0 = next(t for t in after.graph.initializer if t.name == "w0")
+    [w5] = [t for t in after.graph.initializer if t.name == "w5"]
+    w5.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w0), "w5"))  # "a pass" wrote conv5 a copy of w0
+    after.graph.initializer.remove(w5)
+    renamed = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w0), "w5_new")
+    after.graph.initializer.append(renamed)
+    after.graph.node[5].input[1] = "w5_new"
+    assert weights_far_from_changes(after, before) == {"w1", "w2"}
+    held_back, full = Simplify().apply(after, since=before).model, Simplify().apply(after).model
+    assert len(full.graph.initializer) == 5  # the copy was merged
+    assert list(held_back.graph.node) == list(full.graph.node)
+    assert sorted(t.SerializeToString() for t in held_back.graph.initializer) == sorted(t.SerializeToString() for t in full.graph.initializer)
