@@ -146,12 +146,16 @@ def _quantization_axis(dequantize: gs.Node, shape: tuple[int, ...], scale: np.nd
     if scale.ndim == 0:
         return None
     axis = dequantize.attrs.get("axis", 1)
-    if scale.ndim != 1 or not -len(shape) <= axis < len(shape):
+    if scale.ndim != 1:
         return False
     # ONNX reads a 1-D scale as per-axis, ONNX Runtime a one-element one as per-tensor: a
     # one-element scale is read as per-tensor, which both agree on where the axis has one index.
+    # It is also how ORT's quantize_static writes a per-tensor int32 bias: a [1] scale and no
+    # axis, so the default axis 1 lies outside the 1-D bias, where only ORT's reading exists.
     if scale.shape[0] == 1:
         return None
+    if not -len(shape) <= axis < len(shape):
+        return False
     return axis % len(shape) if scale.shape[0] == shape[axis] else False
 
 
