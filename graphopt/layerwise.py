@@ -62,6 +62,16 @@ class CutPoint:
     # the reference's integers are injected in front, the candidate's own values after them.
     grown_axis: int | None = None
     reference_length: int = 0
+    scale: np.ndarray | None = None  # the quantizer's (equal in both graphs)
+    zero_point: np.ndarray | None = None
+    axis: int | None = None  # of a per-axis scale
+
+    def step(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The quantizer's step for each element of a tensor of `shape` (its scale, broadcast)."""
+        scale = np.abs(self.scale.astype(np.float64))
+        if scale.ndim == 1 and scale.size > 1 and self.axis is not None:
+            scale = scale.reshape([-1 if d == self.axis % len(shape) else 1 for d in range(len(shape))])
+        return np.broadcast_to(scale.reshape(()) if scale.size == 1 else scale, shape)
 
     def reference_part(self, candidate_value: np.ndarray) -> np.ndarray:
         """The part of a candidate tensor (the cut point, or its quantizer's input) the reference has."""
@@ -80,11 +90,30 @@ class StepDifferences:
     size: int
 
 
+# Ops that quantize activations or compute on quantized ones, in any graph of a model: where one
+# appears, rounding flips make outputs chaotic (ORT's dynamic quantization, its QOperator form).
+QUANTIZING_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                  "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm", "DynamicQuantizeMatMul", "QAttention"}
+QUANTIZATION_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
-    """Whether a QuantizeLinear quantizes a computed tensor (an activation, not a stored weight)."""
+    """Whether an activation is quantized anywhere: a QuantizeLinear of a computed tensor (not a
+    stored weight) or another quantizing op, in the graph, its subgraphs or its functions."""
     constants = _constants(model.graph)
-    return any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and n.input[0] not in constants
-               for n in model.graph.node)
+    nodes = [*_all_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    return any(n.op_type in QUANTIZING_OPS and n.domain in QUANTIZATION_DOMAINS
+               and not (n.op_type == "QuantizeLinear" and n.input[0] in constants) for n in nodes)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                nodes.extend(_all_nodes(sub))
+    return nodes
 
 
 def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[CutPoint]:
@@ -93,7 +122,9 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
     ref_types, cand_types = _value_infos(ref_graph), _value_infos(cand_graph)
     ref_constants, cand_constants = _constants(reference.graph), _constants(candidate.graph)
     cand_by_output = {n.output[0]: n for n in _quantizers(cand_graph)}
-    cand_by_node = {n.name: n for n in _quantizers(cand_graph) if n.name}
+    cand_by_node = _unique_names(_quantizers(cand_graph))
+    ref_names = _unique_names(_quantizers(ref_graph))
+    paired: set[str] = set()  # each candidate quantizer is one cut point at most
     graph_outputs = {o.name for o in [*ref_graph.output, *cand_graph.output]}
     graph_inputs = {i.name for i in cand_graph.input}
     cuts = []
@@ -101,8 +132,8 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
         name = ref_node.output[0]
         # Any pairing is sound (each cut point's own value is judged against what is injected
         # for it); output names pair what survived, node names what a rewrite renamed.
-        cand_node = cand_by_output.get(name) or cand_by_node.get(ref_node.name)
-        if cand_node is None or ref_node.input[0] in ref_constants:
+        cand_node = cand_by_output.get(name) or (cand_by_node.get(ref_node.name) if ref_node.name in ref_names else None)
+        if cand_node is None or ref_node.input[0] in ref_constants or cand_node.output[0] in paired:
             continue
         cand_name = cand_node.output[0]
         if {name, cand_name} & graph_outputs or cand_name in graph_inputs:
@@ -116,7 +147,11 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
         if ref_node.input[0] not in ref_types or cand_node.input[0] not in cand_types:
             continue  # the quantizer's input cannot be marked as an output without its type
         length = 0 if grown is None else ref_type.type.tensor_type.shape.dim[grown].dim_value
-        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length))
+        paired.add(cand_name)
+        scale = ref_constants[ref_node.input[1]]
+        zero_point = ref_constants[ref_node.input[2]] if len(ref_node.input) > 2 and ref_node.input[2] else None
+        axis = next((a.i for a in ref_node.attribute if a.name == "axis"), 1)
+        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length, scale, zero_point, axis))
     return cuts
 
 
@@ -168,8 +203,74 @@ def _append_reference_in_front(graph: onnx.GraphProto, cut: CutPoint) -> None:
                        onnx.helper.make_node("Concat", [cut.name + REFERENCE_SUFFIX, extra], [cut.candidate_name], axis=cut.grown_axis)])
 
 
+# How far a region's output may move, in steps of the quantizer that reads it, or in rounding steps
+# of its own float type where those are coarser (a float16 sigmoid near 1 rounds in steps of 1e-3,
+# a quarter of its quantizer's step). Exact rewrites of float16 regions moved them by up to 0.19
+# quantizer steps on the typed corpus (MixNet, RegNetY), an SE gate near 1 by 3 float16 steps; a wrong
+# rewrite worth the name moves more. Under float32 the tolerance relative to the tensor's scale is
+# the tighter one, and it holds.
+STEP_TOLERANCE = 0.25
+ROUNDING_STEPS = 8
+
+
+@dataclass(frozen=True)
+class RegionError:
+    """A region's output (its quantizer's input) against the reference's, on one input set."""
+
+    max_abs_err: float
+    steps: float  # the worst element's error in steps of its quantizer
+    scale: float  # max |reference| over the values the quantizer does not saturate
+    passed: bool
+    allowed_steps: float  # at the worst element
+
+
+def region_error(cut: CutPoint, reference: np.ndarray, candidate: np.ndarray, reference_integers: np.ndarray,
+                 candidate_integers: np.ndarray, atol: float, rtol: float) -> RegionError:
+    """Each value within min(atol + rtol x scale, max(STEP_TOLERANCE quantizer steps, ROUNDING_STEPS
+    float steps of its own type)), where `scale` leaves out what the quantizer saturates (an
+    outlier it clips hides nothing); values both graphs saturate to the same integer are not
+    compared (what the quantizer clips away cannot matter)."""
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    ref_saturated = _saturated(reference_integers)
+    compared = ~(ref_saturated & (_as_integers(reference_integers) == _as_integers(candidate_integers)))
+    same_specials = np.array_equal(np.isnan(ref), np.isnan(cand)) and np.array_equal(np.isinf(ref) * np.sign(ref), np.isinf(cand) * np.sign(cand))
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    kept = np.abs(ref[finite & ~ref_saturated])
+    scale = float(kept.max()) if kept.size else 0.0
+    step = cut.step(ref.shape)
+    rounding = ROUNDING_STEPS * np.spacing(np.abs(reference)).astype(np.float64) if reference.dtype.kind == "f" else 0.0
+    allowed = np.minimum(atol + rtol * scale, np.maximum(STEP_TOLERANCE * step, rounding))
+    error = np.where(compared & finite, np.abs(cand - ref), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        in_steps = np.where(step > 0, error / step, np.where(error > 0, np.inf, 0.0))
+    worst = np.unravel_index(int(np.argmax(in_steps)), in_steps.shape) if in_steps.size else ()
+    passed = same_specials and bool(np.all(error <= allowed))
+    if not in_steps.size:
+        return RegionError(0.0, 0.0, scale, same_specials, STEP_TOLERANCE)
+    return RegionError(float(error.max()), float(in_steps[worst]), scale, passed,
+                       float(allowed[worst] / step[worst]) if step[worst] > 0 else 0.0)
+
+
+def _as_integers(values: np.ndarray) -> np.ndarray:
+    """Quantized values as NumPy integers (4-bit types come as ml_dtypes' int4/uint4), or as they are."""
+    if values.dtype.name in ("int4", "uint4"):
+        return values.astype(np.int16)
+    return values
+
+
+def _saturated(values: np.ndarray) -> np.ndarray:
+    """Where a quantizer's output sits at an end of its type's range (float8: no ends are read)."""
+    integers = _as_integers(values)
+    if integers.dtype.kind not in "iu":
+        return np.zeros(values.shape, dtype=bool)
+    low, high = (-8, 7) if values.dtype.name == "int4" else (0, 15) if values.dtype.name == "uint4" else \
+        (np.iinfo(integers.dtype).min, np.iinfo(integers.dtype).max)
+    return (integers == low) | (integers == high)
+
+
 def step_differences(reference: np.ndarray, candidate: np.ndarray) -> StepDifferences | None:
     """Integer differences of one quantized tensor; None for types without integer steps (float8)."""
+    reference, candidate = _as_integers(reference), _as_integers(candidate)
     if reference.dtype.kind not in "iu" or reference.shape != candidate.shape:
         return None
     steps = np.abs(reference.astype(np.int64) - candidate.astype(np.int64))
@@ -181,7 +282,16 @@ def step_differences(reference: np.ndarray, candidate: np.ndarray) -> StepDiffer
 
 
 def _quantizers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and n.output and n.output[0]]
+    return [n for n in graph.node if n.op_type == "QuantizeLinear" and n.domain in QUANTIZATION_DOMAINS and n.output and n.output[0]
+            and len(n.input) > 1]
+
+
+def _unique_names(nodes: list[onnx.NodeProto]) -> dict[str, onnx.NodeProto]:
+    """Node name -> node, for the names only one of `nodes` has."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    return {n.name: n for n in nodes if n.name and counts[n.name] == 1}
 
 
 def _constants(graph: onnx.GraphProto) -> Mapping[str, np.ndarray]:

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +38,8 @@ from graphopt.errors import OptionError
 from graphopt.inputs import InputSet, InputShapes, default_input_sets, is_float_dtype, quiet_polygraphy
 from graphopt.inputs import parse_input_shapes  # noqa: F401  (the CLI's and tests' entry point, kept here)
 from graphopt.layerwise import (
-    OWN_SUFFIX, CutPoint, StepDifferences, candidate_probe, cut_points, injected_feed, is_quantized, reference_cut, reference_probe,
-    step_differences,
+    OWN_SUFFIX, CutPoint, RegionError, StepDifferences, candidate_probe, cut_points, injected_feed, is_quantized, reference_cut,
+    reference_probe, region_error, step_differences,
 )
 from graphopt.modelio import weights_apart
 from graphopt.report import InputSetRecord
@@ -157,8 +157,9 @@ class Layerwise:
     end_to_end: str  # the graph outputs compared without cuts: what int8 rounding flips did to them
 
     def describe(self) -> str:
-        share = f"{self.one_step} of {self.compared}" if self.compared else "none"
-        return (f"judged layer-wise at {self.cut_points} quantizers ({share} quantized values one step apart, none more); "
+        integers = (f"{self.one_step} of {self.compared} quantized values one step apart, none more" if self.compared
+                    else "no integer quantizers to compare step by step")
+        return (f"judged layer-wise at {self.cut_points} quantizers ({integers}); "
                 f"end to end, rounding flips propagated: {self.end_to_end}")
 
 
@@ -197,19 +198,15 @@ class Verdict:
 class ScaledErrorCompare:
     """A polygraphy compare_func: `(reference, candidate) -> OrderedDict[name, OutputVerdict]`."""
 
-    def __init__(self, tolerance: Tolerance, noise: Mapping[str, float] | None = None,
-                 compare: Callable[[str, np.ndarray, np.ndarray, Tolerance], OutputVerdict] | None = None) -> None:
+    def __init__(self, tolerance: Tolerance, noise: Mapping[str, float] | None = None) -> None:
         self.tolerance = tolerance
         self.noise = dict(noise or {})  # per output: the reference's fp32 sensitivity on this input set
-        self.compare = compare  # replaces compare_values (tensors only; no noise allowance)
 
     def __call__(self, reference: IterationResult, candidate: IterationResult) -> OrderedDict[str, OutputVerdict]:
         verdicts: OrderedDict[str, OutputVerdict] = OrderedDict()
         for name in reference.keys():
             if name not in candidate:
                 verdicts[name] = OutputVerdict(name, False, reason="missing from the candidate's outputs")
-            elif self.compare is not None:
-                verdicts[name] = self.compare(name, np.asarray(reference[name]), np.asarray(candidate[name]), self.tolerance)
             else:
                 verdicts[name] = compare_values(name, reference[name], candidate[name], self.tolerance, self.noise.get(name, 0.0))
         for name in candidate.keys():
@@ -267,32 +264,6 @@ def compare_arrays(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance,
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     passed = max_abs <= max(tol.atol + tol.rtol * scale, NOISE_FACTOR * noise)
     return OutputVerdict(name, passed, max_abs, max_rel, scale, noise=noise)
-
-
-# Under a loose tolerance (a float16 graph's 1%) a quantizer's input is also judged channel by
-# channel (axis 1): a weight scale 5% off on one channel of many hides under 1% of the whole
-# tensor's scale. Each channel is judged against its own scale, but never one below this share of
-# the tensor's (a nearly dead channel's rounding noise is not relative to its own near-zero
-# scale). Under float32's 1e-5 the whole tensor's scale already shows such an error, and a channel
-# whose terms cancel has rounding noise near 1e-5 of its own scale, so float32 is judged whole.
-CHANNEL_SCALE_FLOOR = 1 / 64
-CHANNEL_CHECK_MIN_RTOL = 1e-3
-
-
-def compare_channels(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> OutputVerdict:
-    """compare_arrays, then (under a loose tolerance) each channel (axis 1) against max(its own scale,
-    CHANNEL_SCALE_FLOOR x the tensor's)."""
-    whole = compare_arrays(name, ref, cand, tol)
-    if not whole.passed or whole.exact or ref.ndim < 2 or whole.scale == 0 or not np.isfinite(ref).all() \
-            or tol.rtol < CHANNEL_CHECK_MIN_RTOL:
-        return whole
-    channel_first = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
-    diff = np.abs(np.moveaxis(cand.astype(np.float64), 1, 0).reshape(ref.shape[1], -1) - channel_first).max(axis=1)
-    scale = np.maximum(np.abs(channel_first).max(axis=1), CHANNEL_SCALE_FLOOR * whole.scale)
-    worst = int(np.argmax(diff / scale))
-    passed = bool(np.all(diff <= tol.atol + tol.rtol * scale))
-    return OutputVerdict(f"{name}" if passed else f"{name} channel {worst}", passed, float(diff[worst]),
-                         float(diff[worst] / scale[worst]), float(scale[worst]))
 
 
 def fp32_sensitivity(reference: Outputs, perturbed: Outputs) -> dict[str, float]:
@@ -449,8 +420,7 @@ def compare_outputs(reference: Outputs, candidate: Outputs, tolerance: Tolerance
 
 
 def compare_sets(reference: Sequence[Outputs], candidate: Sequence[Outputs], tolerance: Tolerance, backend: str,
-                 labels: Sequence[str] | None = None, noise: Sequence[Mapping[str, float]] | None = None,
-                 compare: Callable[[str, np.ndarray, np.ndarray, Tolerance], OutputVerdict] | None = None) -> Verdict:
+                 labels: Sequence[str] | None = None, noise: Sequence[Mapping[str, float]] | None = None) -> Verdict:
     """Judge every input set and keep each output's worst verdict, naming the set (`labels`) it came from.
 
     ScaledErrorCompare is called directly rather than through polygraphy's compare_accuracy,
@@ -461,7 +431,7 @@ def compare_sets(reference: Sequence[Outputs], candidate: Sequence[Outputs], tol
     noise = list(noise) if noise is not None else [{}] * len(reference)
     worst: OrderedDict[str, OutputVerdict] = OrderedDict()
     for ref, cand, label, set_noise in zip(reference, candidate, labels, noise):
-        verdicts = ScaledErrorCompare(tolerance, set_noise, compare)(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
+        verdicts = ScaledErrorCompare(tolerance, set_noise)(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
         for name, verdict in verdicts.items():
             verdict = dataclasses.replace(verdict, input_set=label)
             if name not in worst or verdict.worse_than(worst[name]):
@@ -568,7 +538,9 @@ class Verifier:
         structural_failure = any(not o.passed and o.reason is not None for o in verdict.outputs)
         if self._input_model is None or structural_failure:
             return verdict
-        if self.quantized and reference_model is not None and candidate_model is not None and self.backend == ORT:
+        # Outputs bit-identical on every input set: nothing the inputs reach changed (as for any graph).
+        exact = verdict.passed and all(o.max_abs_err == 0 for o in verdict.outputs)
+        if self.quantized and not exact and reference_model is not None and candidate_model is not None and self.backend == ORT:
             # Even when the outputs agree: a region's error can hide under the output tolerance
             # (a float16 graph's), and the cuts judge each region at the precision it computes in.
             try:
@@ -597,26 +569,33 @@ class Verifier:
         reference_graph = OrtGraph(candidate_probe(reference_model, own_cuts))
         candidate_graph = OrtGraph(candidate_probe(candidate_model, cuts))
         outputs = [o.name for o in reference_model.graph.output]
-        views: tuple[list[Outputs], list[Outputs]] = ([], [])
+        graph_outputs: tuple[list[Outputs], list[Outputs]] = ([], [])
+        regions: dict[str, OutputVerdict] = {}
         steps: dict[str, list[tuple[str, StepDifferences]]] = {c.name: [] for c in cuts}
+        tol = self.tolerance
         for input_set in self.input_sets:
             integers = integers_graph.run(input_set.feed)
             ref = reference_graph.run({**input_set.feed, **injected_feed(own_cuts, integers)})
             cand = candidate_graph.run({**input_set.feed, **injected_feed(cuts, integers)})
-            views[0].append(OrderedDict([*((n, ref[n]) for n in outputs), *((_quantizer_input(c), ref[c.reference_input]) for c in cuts)]))
-            views[1].append(OrderedDict([*((n, cand[n]) for n in outputs),
-                                         *((_quantizer_input(c), c.reference_part(cand[c.candidate_input])) for c in cuts)]))
+            graph_outputs[0].append(OrderedDict((n, ref[n]) for n in outputs))
+            graph_outputs[1].append(OrderedDict((n, cand[n]) for n in outputs))
             for cut in cuts:
-                if (differences := step_differences(ref[cut.name + OWN_SUFFIX], cut.reference_part(cand[cut.name + OWN_SUFFIX]))) is not None:
+                own_ref, own_cand = ref[cut.name + OWN_SUFFIX], cut.reference_part(cand[cut.name + OWN_SUFFIX])
+                error = region_error(cut, ref[cut.reference_input], cut.reference_part(cand[cut.candidate_input]),
+                                     own_ref, own_cand, tol.atol, tol.rtol)
+                verdict = _region_verdict(cut, error, input_set.label)
+                if cut.name not in regions or verdict.worse_than(regions[cut.name]):
+                    regions[cut.name] = verdict
+                if (differences := step_differences(own_ref, own_cand)) is not None:
                     steps[cut.name].append((input_set.label, differences))
         labels = [s.label for s in self.input_sets]
-        regions = compare_sets(views[0], views[1], self.tolerance, ORT, labels, compare=compare_channels)
+        ends = compare_sets(graph_outputs[0], graph_outputs[1], tol, ORT, labels)
         jumps = [OutputVerdict(f"{name} (quantized)", False, reason=f"{d.more} of {d.size} quantized values differ by more than one step "
                                f"(up to {d.max_steps})", input_set=label)
                  for name, per_set in steps.items() for label, d in per_set if d.more]
         summary = Layerwise(len(cuts), sum(d.one_step for per_set in steps.values() for _, d in per_set),
                             sum(d.size for per_set in steps.values() for _, d in per_set), end_to_end.worst.describe())
-        return Verdict(ORT, (*regions.outputs, *jumps), self.tolerance, summary)
+        return Verdict(ORT, (*ends.outputs, *regions.values(), *jumps), tol, summary)
 
     def fp32_sensitivity(self) -> list[dict[str, float]]:
         """Per input set and float output: how far the input model's outputs move when its float inputs move by one rounding step."""
@@ -629,8 +608,13 @@ class Verifier:
         return self._sensitivity
 
 
-def _quantizer_input(cut: CutPoint) -> str:
-    return f"{cut.name} (quantizer input)"
+def _region_verdict(cut: CutPoint, error: RegionError, input_set: str) -> OutputVerdict:
+    """A region's error as an output verdict, named after the quantizer that reads it."""
+    name = f"{cut.name} (quantizer input)"
+    relative = error.max_abs_err / error.scale if error.scale > 0 else (0.0 if error.max_abs_err == 0 else float("inf"))
+    reason = None if error.passed else (f"max abs error {error.max_abs_err:.3g}, {error.steps:.3g} steps of its quantizer "
+                                        f"(allowed {error.allowed_steps:.3g}; scale {error.scale:.3g})")
+    return OutputVerdict(name, error.passed, error.max_abs_err, relative, error.scale, reason=reason, input_set=input_set)
 
 
 def _one_line(err: BaseException) -> str:
