@@ -121,3 +121,86 @@ def test_scaling_plot_is_drawn_or_its_absence_explained(bench_run):
         assert "matplotlib not installed" in markdown
     else:
         assert (out / "scaling.png").stat().st_size > 0
+
+
+# -- the typed corpus: what each tool does to the precision written into a Q/DQ graph -------------
+
+TYPED_MODEL = "se_block.ort-qdq"  # int8 -> DQ weights, int32 -> DQ biases, Q/DQ on every activation
+
+
+@pytest.fixture(scope="module")
+def typed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench-typed")
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--models", TYPED_MODEL, "--tools", "graphopt,onnxsim", "--repeats", "1", "--ort-runs", "0",
+         "--out", str(out), "--cache", str(out / "cache")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+
+def test_typed_model_records_the_precision_of_the_input(typed_run):
+    data, _ = typed_run
+    [model] = data["models"]
+    assert model["kind"] == "typed"
+    assert model["precision"] == {
+        "quantized_weights": 2, "float_weights": 0,  # both 1x1 convs of the SE gate, int8 -> DQ
+        "quantize_nodes": 7, "dequantize_nodes": 11,
+        "quantized_convs": 2, "quantized_not16": 1, "quantized_not32": 1,  # the 8-channel squeeze
+        "fp16_convs": 0, "fp16_not8": 0,
+    }
+
+
+@pytest.mark.parametrize("tool", ["graphopt", "onnxsim"])
+def test_typed_model_records_what_each_tool_kept_and_whether_it_is_equivalent(typed_run, tool):
+    data, _ = typed_run
+    [model] = data["models"]
+    result = model["tools"][tool]
+    assert result["status"] == "ok" and result["precision"] is not None
+    assert result["precision"]["dequantize_nodes"] > 0
+    assert result["equivalence"]["passed"] is True
+    assert result["equivalence"]["layerwise"] is True  # a quantized graph is judged between its quantizers
+
+
+def test_graphopt_keeps_quantized_weights_quantized(typed_run):
+    data, _ = typed_run
+    [model] = data["models"]
+    before, after = model["precision"], model["tools"]["graphopt"]["precision"]
+    assert after["quantized_weights"] == before["quantized_weights"] and after["float_weights"] == 0
+    assert (after["quantize_nodes"], after["dequantize_nodes"]) == (before["quantize_nodes"], before["dequantize_nodes"])
+
+
+def test_typed_models_get_a_section_of_their_own(typed_run):
+    _, markdown = typed_run
+    assert "## Typed corpus" in markdown and "## Wall time" not in markdown
+    assert "| graphopt | 1 | 1 | 0 | 0 | 1 of 1 |" in markdown  # the per-tool summary: kept all, equivalent
+    [row] = [line for line in markdown.splitlines() if line.startswith(f"| {TYPED_MODEL} | graphopt |")]
+    assert "| 2 / 0 | 7 / 11 | 1 / 1 of 2 | 0 of 0 | yes, layer-wise" in row
+
+
+def test_a_weight_dequantized_to_float_is_reported(tmp_path):
+    """What onnxsim issue #216 asks not to happen: DQ(int8 weight) folded into a float initializer."""
+    bench = _load_bench()
+    import onnx_graphsurgeon as gs
+
+    from graphopt.graphs import weight
+    from tests.fixtures.zoo import load_typed_model
+
+    model = load_typed_model(TYPED_MODEL, seed=0)
+    graph = gs.import_onnx(model)
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    w = weight(conv.inputs[1])
+    shape = [-1] + [1] * (len(w.shape) - 1)
+    folded = (w.stored.astype("float32") - w.quantization.zero_point.reshape(shape)) * w.quantization.scale.reshape(shape)
+    conv.inputs[1] = gs.Constant("folded_weight", folded.astype("float32"))
+    graph.cleanup()
+    candidate = gs.export_onnx(graph)
+
+    before, after = bench.precision_stats(model), bench.precision_stats(candidate)
+    assert (after.quantized_weights, after.float_weights, after.dequantize_nodes) == (1, 1, before.dequantize_nodes - 1)
+    assert (after.quantized_convs, after.fp16_convs) == (1, 1)  # a float weight: no longer an INT8 layer
+    assert bench.dequantized(before, after) == 1
+    assert bench.dequantized(before, before) == 0
+    equivalence = bench.EquivalenceCheck(model)(candidate)
+    assert equivalence.passed and equivalence.layerwise  # the same numbers, only no longer INT8 for TensorRT
