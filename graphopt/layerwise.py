@@ -230,6 +230,8 @@ def region_error(cut: CutPoint, reference: np.ndarray, candidate: np.ndarray, re
     float steps of its own type)), where `scale` leaves out what the quantizer saturates (an
     outlier it clips hides nothing); values both graphs saturate to the same integer are not
     compared (what the quantizer clips away cannot matter)."""
+    if reference.shape != candidate.shape or reference_integers.shape != candidate_integers.shape:
+        return RegionError(float("inf"), float("inf"), 0.0, False, STEP_TOLERANCE)
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
     ref_saturated = _saturated(reference_integers)
     compared = ~(ref_saturated & (_as_integers(reference_integers) == _as_integers(candidate_integers)))
@@ -337,16 +339,18 @@ def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
 
 
 def _grown_axis(reference: onnx.TypeProto, candidate: onnx.TypeProto) -> int | None | bool:
-    """None when both types are one element type and every dimension is known and equal (a number
-    or one symbol); the axis when only that one is longer in the candidate; False otherwise."""
+    """None when both types are one element type and rank and no dimension known on both sides
+    differs; the axis when only that one is longer in the candidate; False otherwise. A dimension
+    unknown or symbolic on either side (shape inference names them as it goes) is left to the run:
+    a tensor of another shape there fails its comparison."""
     ta, tb = reference.tensor_type, candidate.tensor_type
     if ta.elem_type != tb.elem_type or not ta.HasField("shape") or not tb.HasField("shape") or len(ta.shape.dim) != len(tb.shape.dim):
         return False
     grown = None
     for axis, (da, db) in enumerate(zip(ta.shape.dim, tb.shape.dim)):
-        if da.HasField("dim_param") and db.HasField("dim_param") and da.dim_param == db.dim_param:
+        if not (da.HasField("dim_value") and db.HasField("dim_value")):
             continue
-        if not (da.HasField("dim_value") and db.HasField("dim_value")) or da.dim_value > db.dim_value:
+        if da.dim_value > db.dim_value:
             return False
         if da.dim_value < db.dim_value:
             if grown is not None:

@@ -131,6 +131,7 @@ class Pipeline:
         if verifier:
             report.input_sets = verifier.describe_input_sets()
             report.warnings.extend(verifier.warnings)
+            verifier.warnings.clear()  # what the verifier says from here on is added once, at the end
         reference = original
         flops = report.flops_before
 
@@ -170,6 +171,8 @@ class Pipeline:
 
         report.nodes_after = len(working.graph.node)
         report.flops_after = flops
+        if verifier:
+            report.warnings.extend(dict.fromkeys(verifier.warnings))  # e.g. a layer-wise check that could not run
         if verifier and any(p.changed for p in report.passes):
             report.final = self._final_check(verifier, original, reference, input_model, working)
         report.seconds = time.perf_counter() - start

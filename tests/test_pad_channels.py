@@ -610,3 +610,32 @@ def test_int8_align_16_leaves_a_quantized_conv_of_16_channels_alone():
     # qdq_per_tensor_17's conv2 has 16 output channels: unaligned for 32, aligned for 16
     _, record = assert_rewrites_equivalently(load_case("pad_channels/qdq_per_tensor_17"), PadChannels(int8_align=16, max_overhead=1.0))
     assert [site["alignment"] for site in record.details] == [16] and record.sites_applied == ["conv:conv1"]
+
+
+def test_slices_the_integers_so_a_quantized_grouped_conv_still_reads_a_dequantize():
+    """Conv1 (18 filters, int8) padded to 32; the grouped conv2 reads 18 channels back. The Slice goes
+    on the integers with a DequantizeLinear after it: a Slice between conv2 and its
+    DequantizeLinear would leave conv2 a float layer (for TensorRT and graphopt.precision)."""
+    from graphopt.precision import layer_precision
+    from tests.fixtures.builders import make_model, node
+
+    rng = np.random.default_rng(0)
+    act = {f"s{i}": np.array(1 / 32, np.float32) for i in (1, 2)} | {f"z{i}": np.array(0, np.int8) for i in (1, 2)}
+    weights = {"w1": rng.integers(-127, 128, (18, 8, 3, 3), dtype=np.int8), "ws1": np.full(18, 0.01, np.float32),
+               "w2": rng.integers(-127, 128, (18, 9, 3, 3), dtype=np.int8), "ws2": np.full(18, 0.01, np.float32),
+               "wz1": np.zeros(18, np.int8), "wz2": np.zeros(18, np.int8)}
+    model = make_model([
+        node("QuantizeLinear", ["x", "s1", "z1"], ["q1"]), node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"]),
+        node("DequantizeLinear", ["w1", "ws1", "wz1"], ["wd1"], axis=0),
+        node("Conv", ["d1", "wd1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        node("QuantizeLinear", ["c1", "s2", "z2"], ["q2"]), node("DequantizeLinear", ["q2", "s2", "z2"], ["d2"]),
+        node("DequantizeLinear", ["w2", "ws2", "wz2"], ["wd2"], axis=0),
+        node("Conv", ["d2", "wd2"], ["y"], name="conv2", pads=[1, 1, 1, 1], group=2),
+    ], {"x": [1, 8, 8, 8]}, ["y"], act | weights, opset=13)
+    out, _ = assert_rewrites_equivalently(model, INT8_17_TO_32)
+    assert value(out, producer(out, node_named(out, "conv1").input[1]).input[0]).shape == (32, 8, 3, 3)
+    conv2 = node_named(out, "conv2")
+    dequantize = producer(out, conv2.input[0])
+    assert dequantize.op_type == "DequantizeLinear" and producer(out, dequantize.input[0]).op_type == "Slice"
+    graph = gs.import_onnx(infer_shapes(out))
+    assert layer_precision(next(n for n in graph.nodes if n.name == "conv2"), "fp16").precision == "int8"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import Weight, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
+from graphopt.graphs import DEFAULT_DOMAINS, Weight, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
 from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
@@ -97,13 +97,30 @@ def swap_in_padded_tensor(graph: gs.Graph, tensor: gs.Variable, site: ChannelSit
     for reader in site.readers:
         if reader.node.inputs[reader.index] is tensor:
             reader.node.inputs[reader.index] = padded
-    if slice_back:
-        def ints(stem: str, value: int) -> gs.Constant:
-            return make_constant(graph, f"{tensor.name}_{stem}", np.array([value], dtype=np.int64))
+    if not slice_back:
+        return
 
-        graph.nodes.append(gs.Node("Slice", unique_name(graph, f"{tensor.name}_unpad"),
-                                   inputs=[padded, ints("starts", 0), ints("ends", site.channels), ints("axes", 1)],
-                                   outputs=[tensor]))
+    def ints(stem: str, value: int) -> gs.Constant:
+        return make_constant(graph, f"{tensor.name}_{stem}", np.array([value], dtype=np.int64))
+
+    # A per-tensor DequantizeLinear is repeated after a Slice of its integers, so the unpadded
+    # reader (a grouped conv) still reads a DequantizeLinear: a Slice between them would leave it
+    # a float layer for TensorRT and for graphopt.precision.
+    dequantize = producer if is_per_tensor_dequantize(producer) else None
+    source = dequantize.inputs[0] if dequantize is not None else padded
+    sliced = tensor if dequantize is None else gs.Variable(unique_name(graph, f"{source.name}_unpad"), dtype=source.dtype)
+    graph.nodes.append(gs.Node("Slice", unique_name(graph, f"{tensor.name}_unpad"),
+                               inputs=[source, ints("starts", 0), ints("ends", site.channels), ints("axes", 1)], outputs=[sliced]))
+    if dequantize is not None:
+        graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{dequantize.name}_unpad"), dict(dequantize.attrs),
+                                   inputs=[sliced, *dequantize.inputs[1:]], outputs=[tensor]))
+
+
+def is_per_tensor_dequantize(node: gs.Node) -> bool:
+    if node.op != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS or node.attrs.get("block_size", 0):
+        return False
+    scale = constant_value(node.inputs[1])
+    return scale is not None and scale.size == 1
 
 
 def pad_graph_input(graph: gs.Graph, tensor: gs.Variable, site: ChannelSite) -> None:
