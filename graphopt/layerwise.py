@@ -8,27 +8,34 @@ rewrite moved the outputs by up to 14%, as much as moving the input by one float
 fails exact rewrites.
 
 So the quantizers both graphs share cut them into regions, and each region is judged alone, on
-exactly the reference's inputs. A *cut point* is a QuantizeLinear of a computed tensor whose
-output survives the rewrite: the same name, element type, shape and constant scale and zero
-point in both graphs. The reference runs with every cut point and its quantizer's input marked
-as outputs. The candidate runs with each cut point replaced by a graph input fed the
-reference's integers, while its own quantizer still computes its own integers from its own
-input. Then, per input set:
+exactly the reference's inputs. A *cut point* is an activation QuantizeLinear of the reference
+that the candidate keeps: paired by output name, or by a node name unique in both graphs (a pass
+that pads or renames a tensor keeps its producer's name), with one element type and rank, equal
+constant scale and zero point, and dimensions that agree where both are known (the candidate's
+channel axis may be longer: pad-channels). Both graphs run in one *cut form*: each cut point is a
+graph input fed the reference's integers (the candidate's own values follow them along a longer
+axis), while the quantizer still computes its own integers from its own input, as an output.
+The reference runs in that form too, so regions no rewrite touched compute bit for bit alike
+(ONNX Runtime rounds float16 differently depending on what is a graph input or output). Then,
+per input set:
 
-- each quantizer's input (what the region before it computed) must match the reference's within
-  the model's tolerance, as any output must;
-- its integers may differ by at most one step (a value on a rounding boundary moved by float
-  reordering); how many differ by one step is reported;
+- each region's output (its quantizer's input) must match the reference's within the model's
+  tolerance relative to what the quantizer does not saturate, and never by more than
+  STEP_TOLERANCE of the quantizer's step (or ROUNDING_STEPS of its own float type's, where that
+  is coarser); values both graphs saturate to the same integer are not compared;
+- its integers may differ by at most one step (a value on a rounding boundary); how many differ
+  by one step is reported;
 - each graph output, now computed from the reference's integers, must match within the tolerance.
 
 Sound because the regions cover the graph: every op of the candidate lies between cut points
 (or graph inputs) and a cut point or graph output, and is judged on the reference's own values
-there. A region that computes the same real function up to float rounding passes; a wrong one
-(a weight scale or zero point off, channels swapped, a bias dropped) moves its quantizer's input
-by more than rounding wherever the input sets reach it. A quantizer the rewrite removed, renamed,
-reshaped (padded) or re-parameterized is simply not a cut point: its region extends to the next
-one, so nothing is left unjudged. Regions are judged without the fp32-sensitivity allowance:
-that allowance measures chaos between quantizers, which the cuts remove.
+there; a pairing is only a claim, checked by the same comparison. A region that computes the same
+real function up to float rounding passes; a wrong one (a weight scale or zero point off,
+channels swapped, a bias dropped) moves its quantizer's input by more, wherever the input sets
+reach it. A quantizer the rewrite removed or re-parameterized is simply not a cut point: its
+region extends to the next one, so nothing is left unjudged. Regions are judged without the
+fp32-sensitivity allowance: that allowance measures chaos between quantizers, which the cuts
+remove.
 """
 
 from __future__ import annotations
