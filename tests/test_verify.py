@@ -354,3 +354,17 @@ def test_all_on_efficientnet_rolls_nothing_back_where_image_range_inputs_amplify
     # 1.7e-5 of them, as much as one rounding step of the input moves them.
     _, report = optimize(load_zoo_model("efficientnet_b0"), "all")
     assert report.equivalent and not report.rolled_back, [(p.name, p.rolled_back) for p in report.rolled_back]
+
+
+def test_the_sensitivity_probe_moves_every_float_weight_by_one_rounding_step():
+    """Folding rewrites (BatchNorm into a float16 conv) round every weight anew: the sensitivity
+    they are judged against moves the weights by one rounding step too, not only the inputs."""
+    from graphopt.verify import weights_one_rounding_step_away
+    from tests.fixtures.builders import make_model, node, rand
+
+    model = make_model([node("Conv", ["x", "w"], ["y"])], {"x": [1, 4, 5, 5]}, ["y"],
+                       {"w": rand(8, 4, 3, 3, seed=1).astype(np.float16)}, input_dtype=onnx.TensorProto.FLOAT16)
+    moved = weights_one_rounding_step_away(model, np.random.default_rng(0))
+    before, after = (numpy_helper.to_array(m.graph.initializer[0]) for m in (model, moved))
+    assert after.dtype == np.float16
+    assert np.array_equal(np.abs(after.astype(np.float64) - before), np.spacing(np.abs(before)).astype(np.float64))
