@@ -132,9 +132,10 @@ def quantized(request) -> tuple[str, onnx.ModelProto]:
 
 
 # The limit of a float16 graph (ModelOpt computes everything between quantizers in float16): a
-# region is judged to float16's 1% of each channel's scale. In tiny_yolo's CSP fuse convs the
-# folded BatchNorm's bias dominates channel 0, so a 5% weight-scale error (or a zero point one
-# step off) moves it by 0.8%: under the tolerance, as float16 rounding of such a region can.
+# region may move by a quarter of its quantizer's step, as exact rewrites of float16 regions do
+# (up to 0.19 step on the typed corpus). In tiny_yolo's CSP fuse convs the folded BatchNorm's
+# bias dominates channel 0, so a 5% weight-scale error (or a zero point one step off) moves it
+# by less than that.
 FLOAT16_LIMIT = {("tiny_yolo.modelopt-int8-sim", "scale 5% off on one channel"),
                  ("tiny_yolo.modelopt-int8-sim", "zero point one step off")}
 
@@ -143,7 +144,7 @@ FLOAT16_LIMIT = {("tiny_yolo.modelopt-int8-sim", "scale 5% off on one channel"),
 def test_a_wrong_quantized_rewrite_is_not_equivalent(quantized, mutation, request):
     name, model = quantized
     if (name, mutation) in FLOAT16_LIMIT:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="under float16's 1% tolerance (see FLOAT16_LIMIT)"))
+        request.applymarker(pytest.mark.xfail(strict=True, reason="under a quarter step, float16's resolution here (see FLOAT16_LIMIT)"))
     convs = per_channel_convs(gs.import_onnx(model))
     verifier = Verifier(model)
     reference = verifier.reference_of_input(model)
