@@ -51,6 +51,11 @@ class GeneratedModel:
 
     model: onnx.ModelProto
     steps: tuple[str, ...]
+    form: str = "plain"  # or "ort(int8)", "ort(uint8)", "modelopt(int8)": how its weights and activations are quantized
+
+    @property
+    def quantized(self) -> bool:
+        return self.form != "plain"
 
     @property
     def dynamic_batch(self) -> bool:
@@ -62,7 +67,7 @@ class GeneratedModel:
         return {"x": (batch, *(d.dim_value for d in dims[1:]))}
 
     def __repr__(self) -> str:
-        return f"GeneratedModel(steps={list(self.steps)})\n{describe(self.model)}"
+        return f"GeneratedModel(form={self.form}, steps={list(self.steps)})\n{describe(self.model)}"
 
 
 def describe(model: onnx.ModelProto) -> str:
@@ -118,6 +123,8 @@ class GraphBuilder:
     ends: list[str] = field(default_factory=list)  # tensors of other shapes: graph outputs only
     read: set[str] = field(default_factory=set)
     counter: int = 0
+    quantization: Quantized | None = None  # None: every weight a plain float constant
+    dequantized: dict[str, tuple[str, float]] = field(default_factory=dict)  # tensor -> (its Q/DQ output, scale)
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -148,8 +155,8 @@ class GraphBuilder:
     def ints(self, values: list[int]) -> str:
         return self.const(np.array(values, dtype=np.int64), "i")
 
-    def weight(self, *shape: int, fan_in: int) -> str:
-        return self.const((self.rng.standard_normal(shape) / math.sqrt(max(fan_in, 1))).astype(np.float32), "w")
+    def float_weight(self, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return (self.rng.standard_normal(shape) / math.sqrt(max(fan_in, 1))).astype(np.float32)
 
     def vector(self, n: int, scale: float = 0.1, stem: str = "b") -> str:
         return self.const((self.rng.standard_normal(n) * scale).astype(np.float32), stem)
@@ -189,6 +196,106 @@ def partition(draw: st.DrawFn, total: int, parts: int) -> list[int]:
 
 def conv_out(size: int, kernel: int, stride: int, begin: int, end: int, dilation: int) -> int:
     return (size + begin + end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+# -- quantized models: weights and activations behind Q/DQ ------------------------------------------
+
+# The per-model form, drawn first: plain (every weight a float constant) half the time, so that a
+# failure shrinks to a float graph when quantization has no part in it.
+FORMS = ("plain", "plain", "ort", "modelopt")
+# An activation quantizer spans about [-r, r]: the grammar's layers keep unit gain (weights scaled
+# by 1/sqrt(fan_in)), so on the verifier's uniform[-1, 1] and N(0, 1) sets r = 4 holds most values
+# in most of int8's steps, 2 and 8 clip more or resolve less. [0, 255] inputs saturate: as in use.
+ACTIVATION_RANGES = (4.0, 2.0, 8.0)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """How the tools quantize a model, drawn once per model.
+
+    `ort`: ONNX Runtime's quantize_static (QDQ format): int8 weights -> DequantizeLinear, per channel
+    on the output-channel axis or per tensor; int32 Conv/Gemm biases -> DequantizeLinear with scale =
+    input scale x weight scale; QuantizeLinear -> DequantizeLinear (int8, or uint8 with a zero point)
+    on every Conv/Gemm/MatMul data input and sometimes on its output.
+    `modelopt`: NVIDIA ModelOpt's: float weights -> QuantizeLinear -> DequantizeLinear (one scale per
+    output channel, each node its own copy), float biases, int8 Q/DQ on every Conv/Gemm/MatMul data
+    input. Either tool leaves some layers out (a first or last layer): so does the grammar, now and then.
+    """
+
+    form: str
+    activation_type: type  # np.int8 or np.uint8
+
+
+def quantizes(draw: st.DrawFn, g: GraphBuilder) -> bool:
+    """Whether the next Conv/Gemm/MatMul is quantized (a quantized model leaves one in eight out)."""
+    return g.quantization is not None and draw(st.integers(0, 7)) > 0
+
+
+def quantize_activation(draw: st.DrawFn, g: GraphBuilder, x: str) -> tuple[str, float]:
+    """`x` behind QuantizeLinear -> DequantizeLinear, per tensor: one pair per tensor, which all its
+    quantized readers share, as the tools write it. Returns the DQ's output and the scale."""
+    if x in g.dequantized:
+        return g.dequantized[x]
+    q = g.quantization
+    r = draw(st.sampled_from(ACTIVATION_RANGES))
+    if q.activation_type is np.uint8:  # asymmetric: [-r, r] around a zero point near 128
+        scale, zero = 2 * r / 255, 128 + draw(st.integers(-24, 24))
+    else:
+        scale, zero = r / 127, (draw(st.integers(-16, 16)) if q.form == "ort" and draw(st.booleans()) else 0)
+    out = emit_quantize_dequantize(g, x, g.shapes[x], np.array(scale, np.float32), np.array(zero, q.activation_type))
+    g.dequantized[x] = (out, float(np.float32(scale)))
+    return g.dequantized[x]
+
+
+def emit_quantize_dequantize(g: GraphBuilder, x: str, shape: Shape, scale: np.ndarray, zero: np.ndarray, **attrs) -> str:
+    """x -> QuantizeLinear -> DequantizeLinear. ORT's nodes share their scale and zero point,
+    ModelOpt's each hold a copy."""
+    parameters = [g.const(scale, "qs"), g.const(zero, "qz")]
+    quantized = g.op("QuantizeLinear", [x, *parameters], shape, **attrs)
+    if g.quantization.form == "modelopt":
+        parameters = [g.const(scale, "qs"), g.const(zero, "qz")]
+    return g.op("DequantizeLinear", [quantized, *parameters], shape, **attrs)
+
+
+def quantize_output(draw: st.DrawFn, g: GraphBuilder, y: str, quantized: bool) -> str:
+    """ORT sometimes quantizes a quantized layer's output too; a reader that quantizes its input
+    then reads this pair (ORT writes no second Q/DQ)."""
+    if not quantized or g.quantization.form != "ort" or not draw(st.booleans()):
+        return y
+    out, scale = quantize_activation(draw, g, y)
+    g.dequantized[out] = (out, scale)
+    return out
+
+
+def emit_weight(draw: st.DrawFn, g: GraphBuilder, value: np.ndarray, axis: int, quantized: bool) -> tuple[str, np.ndarray | None]:
+    """A weight as the model's form stores it, per channel along `axis` (the output channels) or
+    per tensor; scales max|w| / 127 of the channel (of the tensor), never 0. Returns the tensor its
+    reader takes and the weight scale (None for a plain constant)."""
+    if not quantized:
+        return g.const(value, "w"), None
+    form = g.quantization.form
+    per_channel = form == "modelopt" or draw(st.booleans())
+    peak = np.abs(value).max(axis=tuple(a for a in range(value.ndim) if a != axis)) if per_channel else np.abs(value).max()
+    scale = (np.where(peak > 0, peak, 1.0) / 127).astype(np.float32)
+    zero = np.zeros(scale.shape, np.int8)
+    attrs = {"axis": axis} if per_channel and (axis != 1 or draw(st.booleans())) else {}
+    if form == "modelopt":
+        return emit_quantize_dequantize(g, g.const(value, "w"), value.shape, scale, zero, **attrs), scale
+    along = [-1 if a == axis else 1 for a in range(value.ndim)] if per_channel else []
+    stored = np.clip(np.round(value / scale.reshape(along)), -127, 127).astype(np.int8)
+    inputs = [g.const(stored, "wq"), g.const(scale, "ws")] + ([g.const(zero, "wz")] if draw(st.booleans()) else [])
+    return g.op("DequantizeLinear", inputs, value.shape, **attrs), scale
+
+
+def emit_bias(g: GraphBuilder, value: np.ndarray, input_scale: float | None, weight_scale: np.ndarray | None) -> str:
+    """A Conv/Gemm bias: int32 -> DequantizeLinear with scale = input scale x weight scale in ORT's
+    form (per channel when the weight is), else a float constant."""
+    if input_scale is None or weight_scale is None or g.quantization.form != "ort":
+        return g.const(value, "b")
+    scale = (np.float32(input_scale) * weight_scale).astype(np.float32)
+    stored = np.round(value / scale).astype(np.int32)
+    inputs = [g.const(stored, "bq"), g.const(scale, "bs"), g.const(np.zeros(scale.shape, np.int32), "bz")]
+    return g.op("DequantizeLinear", inputs, value.shape, **({"axis": 0} if scale.ndim else {}))
 
 
 # -- steps: each reads one or more feature maps and adds tensors ------------------------------------
@@ -251,11 +358,14 @@ def conv_geometry(draw: st.DrawFn, h: int, w: int) -> ConvGeometry:
 def emit_conv(draw: st.DrawFn, g: GraphBuilder, x: str, cout: int, geometry: ConvGeometry, group: int = 1) -> str:
     b, cin, h, w = g.shapes[x]
     fan_in = cin // group * geometry.kernel[0] * geometry.kernel[1]
-    inputs = [x, g.weight(cout, cin // group, *geometry.kernel, fan_in=fan_in)]
+    quantized = quantizes(draw, g)
+    data, input_scale = quantize_activation(draw, g, x) if quantized else (x, None)
+    kernel, weight_scale = emit_weight(draw, g, g.float_weight((cout, cin // group, *geometry.kernel), fan_in), 0, quantized)
+    inputs = [data, kernel]
     if draw(st.booleans()):
-        inputs.append(g.vector(cout))
+        inputs.append(emit_bias(g, (g.rng.standard_normal(cout) * 0.1).astype(np.float32), input_scale, weight_scale))
     attrs = dict(geometry.attrs) | ({"group": group} if group != 1 else {})
-    return g.op("Conv", inputs, (b, cout, *geometry.output_size(h, w)), **attrs)
+    return quantize_output(draw, g, g.op("Conv", inputs, (b, cout, *geometry.output_size(h, w)), **attrs), quantized)
 
 
 @st.composite
@@ -635,7 +745,10 @@ def step_matmul_map(draw: st.DrawFn, g: GraphBuilder) -> str:
     x = pick_map(draw, g)
     b, c, h, w = g.shapes[x]
     n = draw(st.integers(1, 12))
-    g.put(g.op("MatMul", [x, g.weight(w, n, fan_in=w)], (b, c, h, n)))
+    quantized = quantizes(draw, g)
+    data = quantize_activation(draw, g, x)[0] if quantized else x
+    weight = emit_weight(draw, g, g.float_weight((w, n), w), 1, quantized)[0]
+    g.put(quantize_output(draw, g, g.op("MatMul", [data, weight], (b, c, h, n)), quantized))
     return "matmul_map"
 
 
@@ -694,9 +807,11 @@ def emit_linear(draw: st.DrawFn, g: GraphBuilder, v: str) -> tuple[str, str]:
     """Gemm (transB, alpha, beta, bias shapes) or MatMul (+ bias Add) on [B, K]."""
     b, k = g.shapes[v]
     n = draw(CHANNELS)
+    quantized = quantizes(draw, g)
+    data, input_scale = quantize_activation(draw, g, v) if quantized else (v, None)
     if draw(st.booleans()):
         trans_b = draw(st.sampled_from([0, 1]))
-        w = g.weight(*((n, k) if trans_b else (k, n)), fan_in=k)
+        w, weight_scale = emit_weight(draw, g, g.float_weight((n, k) if trans_b else (k, n), k), 0 if trans_b else 1, quantized)
         attrs = {"transB": trans_b} if trans_b or draw(st.booleans()) else {}
         alpha, beta = draw(st.sampled_from([1.0, 0.5])), draw(st.sampled_from([1.0, 2.0, 0.0]))
         if alpha != 1.0:
@@ -705,9 +820,13 @@ def emit_linear(draw: st.DrawFn, g: GraphBuilder, v: str) -> tuple[str, str]:
             attrs["beta"] = beta
         bias_shapes = [None, (n,), (1, n), (1,), (1, 1)] + ([(b, n), (b, 1)] if isinstance(b, int) else [])
         bias_shape = draw(st.sampled_from(bias_shapes))
-        inputs = [v, w] + ([] if bias_shape is None else [g.const((0.1 * g.rng.standard_normal(bias_shape)).astype(np.float32), "b")])
-        return g.op("Gemm", inputs, (b, n), **attrs), f"Gemm(transB={trans_b}, bias={bias_shape})"
-    y = g.op("MatMul", [v, g.weight(k, n, fan_in=k)], (b, n))
+        inputs = [data, w]
+        if bias_shape is not None:  # ORT quantizes a 1-D bias only
+            value = (0.1 * g.rng.standard_normal(bias_shape)).astype(np.float32)
+            inputs.append(emit_bias(g, value, input_scale, weight_scale) if len(bias_shape) == 1 and bias_shape[0] == n else g.const(value, "b"))
+        y = quantize_output(draw, g, g.op("Gemm", inputs, (b, n), **attrs), quantized)
+        return y, f"Gemm(transB={trans_b}, bias={bias_shape})"
+    y = quantize_output(draw, g, g.op("MatMul", [data, emit_weight(draw, g, g.float_weight((k, n), k), 1, quantized)[0]], (b, n)), quantized)
     bias_shape = draw(st.sampled_from([None, (n,), (1, n)]))
     if bias_shape is None:
         return y, "MatMul"
@@ -769,10 +888,14 @@ def step_token_head(draw: st.DrawFn, g: GraphBuilder) -> str:
 
 
 @st.composite
-def models(draw: st.DrawFn, opsets: tuple[int, ...] = OPSETS, max_steps: int = 6) -> GeneratedModel:
-    opset = draw(st.sampled_from(opsets))
+def models(draw: st.DrawFn, opsets: tuple[int, ...] = OPSETS, max_steps: int = 6, forms: tuple[str, ...] = FORMS) -> GeneratedModel:
+    quantized_opsets = tuple(o for o in opsets if o >= 13)  # per-axis Q/DQ needs opset 13
+    form = draw(st.sampled_from(forms if quantized_opsets else ["plain"]))
+    opset = draw(st.sampled_from(opsets if form == "plain" else quantized_opsets))
     batch: Dim = draw(st.sampled_from([DYNAMIC_BATCH, 1, 2]))
     g = GraphBuilder(opset, batch, np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
+    if form != "plain":
+        g.quantization = Quantized(form, draw(st.sampled_from([np.int8, np.uint8])) if form == "ort" else np.int8)
     g.shapes["x"] = (batch, draw(CHANNELS), draw(SPATIAL), draw(SPATIAL))
     g.maps.append("x")
     steps = [draw(STEPS[name][0](g)) for name in draw(st.lists(st.sampled_from(STEP_NAMES), min_size=1, max_size=max_steps))]
@@ -786,7 +909,7 @@ def models(draw: st.DrawFn, opsets: tuple[int, ...] = OPSETS, max_steps: int = 6
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         reject()  # a grammar bug: the shapes tracked above disagree with ONNX's
-    return GeneratedModel(model, tuple(steps))
+    return GeneratedModel(model, tuple(steps), form if g.quantization is None else f"{form}({np.dtype(g.quantization.activation_type)})")
 
 
 def finish(draw: st.DrawFn, g: GraphBuilder) -> onnx.ModelProto:

@@ -9,7 +9,12 @@ fuzzing, `all`, and `all` with every opt-in option) and each model drawn by
 2. the result passes onnx.checker and strict shape inference;
 3. its graph outputs have the original's names, dtypes and shapes, and an independent check
    (`graphopt.testing.check_equivalent`, ORT on both sides) finds the same values on two seeds,
-   and at batch 3 as well when the batch is symbolic;
+   and at batch 3 as well when the batch is symbolic. On a quantized model (the grammar draws
+   ORT's and ModelOpt's Q/DQ forms) the same holds for the float function it approximates, both
+   graphs with their activation Q/DQ pairs taken out, and the outputs themselves match unless a
+   reordered float sum moved a QuantizeLinear by one step: then each region between the
+   quantizers both graphs keep must match on the original's own integers (graphopt.layerwise),
+   with no value more than one step off and few one step off (`assert_quantized_runs`);
 4. running the same pass on the result changes nothing, and a pipeline of several passes,
    run again to a fixed point, gets there (see `assert_idempotent` for why a second run of
    `all` is not yet required to change nothing);
@@ -25,11 +30,13 @@ from __future__ import annotations
 import onnx
 import pytest
 from hypothesis import event, given, note
+from onnx import helper
 
 from graphopt import Pipeline, Tolerance
 from graphopt.registry import available_passes, default_order
 from graphopt.report import CHANGED, UNCHANGED, Report
 from graphopt.testing import check_equivalent
+from graphopt.verify import Verifier
 from tests.graph_grammar import GeneratedModel, models
 
 # Option settings worth fuzzing besides the defaults. Generous FLOP caps let pad-channels and
@@ -131,25 +138,105 @@ def assert_same_interface(original: onnx.ModelProto, optimized: onnx.ModelProto)
     assert interface(optimized) == interface(original)
 
 
+def equivalence_runs(generated: GeneratedModel) -> list[dict]:
+    runs = [{"seed": 0}, {"seed": 1}]
+    if generated.dynamic_batch:
+        runs.append({"seed": 2, "input_shapes": generated.input_shape(SECOND_BATCH)})
+    return runs
+
+
 def assert_equivalent_runs(spec: str, generated: GeneratedModel, optimized: onnx.ModelProto) -> None:
-    """ORT on the original vs ORT on the result: two seeds, and another batch size when dynamic.
+    """ORT on the original vs ORT on the result: two seeds, and another batch size when dynamic."""
+    if generated.quantized:
+        assert_quantized_runs(spec, generated, optimized)
+    else:
+        assert not value_differences(tolerance_for(spec), generated.model, optimized, equivalence_runs(generated))
+
+
+def value_differences(tolerance: Tolerance, reference: onnx.ModelProto, candidate: onnx.ModelProto, runs: list[dict]) -> list[str]:
+    """What differs between two graphs' outputs over the runs; fails at once on names, dtypes,
+    shapes or NaN/Inf placement.
 
     Each output's worst error is judged against its largest value over all the runs, so that one
     run whose output happens to cancel to near zero does not take fp32 noise for a difference.
     """
-    runs = [{"seed": 0}, {"seed": 1}]
-    if generated.dynamic_batch:
-        runs.append({"seed": 2, "input_shapes": generated.input_shape(SECOND_BATCH)})
-    tolerance = tolerance_for(spec)
-    verdicts = [check_equivalent(generated.model, optimized, backend=BACKEND, tolerance=tolerance, **run) for run in runs]
+    verdicts = [check_equivalent(reference, candidate, backend=BACKEND, tolerance=tolerance, **run) for run in runs]
     mismatched = [f"{run}: {o.describe()}" for run, v in zip(runs, verdicts) for o in v.outputs if o.reason]
-    assert not mismatched, "\n".join(mismatched)  # names, dtypes, shapes, NaN/Inf placement
+    assert not mismatched, "\n".join(mismatched)
+    differences = []
     for name in [o.name for o in verdicts[0].outputs]:
         per_run = [o for v in verdicts for o in v.outputs if o.name == name]
         error, scale = max(o.max_abs_err for o in per_run), max(o.scale for o in per_run)
-        assert error <= tolerance.atol + tolerance.rtol * scale, (
-            f"{name}: max abs error {error:.3g} over {len(runs)} runs, largest |output| {scale:.3g}, tolerance {tolerance}"
-        )
+        if error > tolerance.atol + tolerance.rtol * scale:
+            differences.append(f"{name}: max abs error {error:.3g} over {len(runs)} runs, largest |output| {scale:.3g}, tolerance {tolerance}")
+    return differences
+
+
+# A rewrite that reorders float sums (a Gemm become a Conv, merged or padded filters) moves a value
+# that lies on a QuantizeLinear's rounding boundary by one step, on the original's own integers
+# (graphopt.layerwise judges each region so). On the quantizers both graphs keep, over every run:
+# no value more than one step off, and at most this share of values one step off, or this many.
+# A wrong scale, zero point or channel order moves far more.
+MAX_SHARE_ONE_STEP = 0.01
+MAX_ONE_STEP = 4
+
+
+def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.ModelProto) -> None:
+    """The float function a quantized graph approximates is kept exactly as a float graph's
+    would be; the quantized outputs are equal, or each region between the quantizers both graphs
+    keep is, on the original's integers, with few values one step off."""
+    runs, tolerance = equivalence_runs(generated), tolerance_for(spec)
+    float_differences = value_differences(tolerance, without_activation_quantizers(generated.model),
+                                          without_activation_quantizers(optimized), runs)
+    assert not float_differences, "with activation Q/DQ taken out:\n" + "\n".join(float_differences)
+    differences = value_differences(tolerance, generated.model, optimized, runs)
+    if not differences:
+        event("quantized: outputs equal")
+        return
+    event("quantized: outputs differ, regions equal")
+    assert tolerance is not EXACT, "\n".join(differences)
+    one_step = size = 0
+    for run in runs:
+        verifier = Verifier(generated.model, tolerance=tolerance, backend=BACKEND, **run)
+        verdict, _ = verifier.check(verifier.reference_of_input(generated.model), optimized, generated.model)
+        assert verdict.layerwise is not None, f"{run}: not judged layer-wise ({verifier.warnings})"
+        assert verdict.passed, f"{run}: {verdict.worst.describe()}; {verdict.layerwise.describe()}"
+        one_step, size = one_step + verdict.layerwise.one_step, size + verdict.layerwise.compared
+    note(f"one step off: {one_step} of {size} quantized values")
+    assert one_step <= max(MAX_ONE_STEP, MAX_SHARE_ONE_STEP * size), f"{one_step} of {size} quantized values one step off"
+
+
+def without_activation_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each QuantizeLinear -> DequantizeLinear of a computed tensor taken out (a
+    DequantizeLinear that wrote a graph output becomes an Identity): the float function it
+    approximates. Weights stay as stored, Q/DQ included: a rewrite keeps them exactly."""
+    constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    quantized_from = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
+    outputs = {o.name for o in model.graph.output}
+    renamed, nodes = {}, []
+    for n in model.graph.node:
+        source = quantized_from.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        source = renamed.get(source, source)  # Q/DQ of a Q/DQ's output
+        if source is None:
+            nodes.append(n)
+        elif n.output[0] in outputs:
+            nodes.append(helper.make_node("Identity", [source], [n.output[0]], name=n.name))
+        else:
+            renamed[n.output[0]] = source
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.node[:]
+    for n in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.input[:] = [renamed.get(i, i) for i in n.input]
+        stripped.graph.node.append(copy)
+    read = {i for n in stripped.graph.node for i in n.input} | outputs
+    kept = [n for n in stripped.graph.node if not (n.op_type == "QuantizeLinear" and n.output[0] in quantized_from and n.output[0] not in read)]
+    del stripped.graph.node[:]
+    stripped.graph.node.extend(kept)
+    del stripped.graph.value_info[:]
+    return stripped
 
 
 def assert_idempotent(spec: str, optimized: onnx.ModelProto) -> None:
@@ -167,12 +254,15 @@ def assert_idempotent(spec: str, optimized: onnx.ModelProto) -> None:
 
 
 def check_pipeline_properties(spec: str, generated: GeneratedModel) -> None:
+    event(f"form: {generated.form}")
     model = generated.model
     before = model.SerializeToString(deterministic=True)
     # A symbolic batch is verified at batch 4, not 1: more values for the output scale (see above).
     input_shapes = generated.input_shape(PIPELINE_BATCH) if generated.dynamic_batch else {}
     optimized, report = run_pipeline(spec, model, input_shapes=input_shapes)
     note(f"report: {[(p.name, p.status, p.sites_applied) for p in report.passes]}")
+    for name in {p.name for p in report.passes if p.sites_applied and p.name != "simplify"}:
+        event(f"{'quantized' if generated.quantized else 'plain'}: {name} rewrote")
     assert model.SerializeToString(deterministic=True) == before, "the input ModelProto was modified"
     assert_no_site_rolled_back(report)
     assert report.final is None or report.final.passed, report.final
