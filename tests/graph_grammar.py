@@ -124,7 +124,8 @@ class GraphBuilder:
     read: set[str] = field(default_factory=set)
     counter: int = 0
     quantization: Quantized | None = None  # None: every weight a plain float constant
-    dequantized: dict[str, tuple[str, float]] = field(default_factory=dict)  # tensor -> (its Q/DQ output, scale)
+    # tensor -> its Q/DQ output, the scale, and (scale, zero point) to repeat the pair (None: it is a pair's output)
+    dequantized: dict[str, tuple[str, float, tuple | None]] = field(default_factory=dict)
 
     def fresh(self, stem: str) -> str:
         self.counter += 1
@@ -232,19 +233,24 @@ def quantizes(draw: st.DrawFn, g: GraphBuilder) -> bool:
 
 
 def quantize_activation(draw: st.DrawFn, g: GraphBuilder, x: str) -> tuple[str, float]:
-    """`x` behind QuantizeLinear -> DequantizeLinear, per tensor: one pair per tensor, which all its
-    quantized readers share, as the tools write it. Returns the DQ's output and the scale."""
-    if x in g.dequantized:
-        return g.dequantized[x]
+    """`x` behind QuantizeLinear -> DequantizeLinear, per tensor (ORT fuses DQ -> Conv into
+    QLinearConv, which takes nothing else): one pair per tensor, which its quantized readers share
+    as the tools write it (ModelOpt now and then gives a reader its own, equal pair). Returns the
+    DQ's output and the scale."""
     q = g.quantization
+    if x in g.dequantized:
+        out, scale, parameters = g.dequantized[x]
+        if q.form == "modelopt" and parameters is not None and draw(st.integers(0, 3)) == 0:
+            out = emit_quantize_dequantize(g, x, g.shapes[x], *parameters)  # an equal pair of its own
+        return out, scale
     r = draw(st.sampled_from(ACTIVATION_RANGES))
     if q.activation_type is np.uint8:  # asymmetric: [-r, r] around a zero point near 128
-        scale, zero = 2 * r / 255, 128 + draw(st.integers(-24, 24))
+        scale, zero = np.array(2 * r / 255, np.float32), np.array(128 + draw(st.integers(-24, 24)), np.uint8)
     else:
-        scale, zero = r / 127, (draw(st.integers(-16, 16)) if q.form == "ort" and draw(st.booleans()) else 0)
-    out = emit_quantize_dequantize(g, x, g.shapes[x], np.array(scale, np.float32), np.array(zero, q.activation_type))
-    g.dequantized[x] = (out, float(np.float32(scale)))
-    return g.dequantized[x]
+        scale, zero = np.array(r / 127, np.float32), np.array(draw(st.integers(-16, 16)) if q.form == "ort" and draw(st.booleans()) else 0, np.int8)
+    out = emit_quantize_dequantize(g, x, g.shapes[x], scale, zero)
+    g.dequantized[x] = (out, float(scale), (scale, zero))
+    return g.dequantized[x][:2]
 
 
 def emit_quantize_dequantize(g: GraphBuilder, x: str, shape: Shape, scale: np.ndarray, zero: np.ndarray, **attrs) -> str:
@@ -263,8 +269,16 @@ def quantize_output(draw: st.DrawFn, g: GraphBuilder, y: str, quantized: bool) -
     if not quantized or g.quantization.form != "ort" or not draw(st.booleans()):
         return y
     out, scale = quantize_activation(draw, g, y)
-    g.dequantized[out] = (out, scale)
+    g.dequantized[out] = (out, scale, None)  # its readers read the pair ORT wrote
     return out
+
+
+def modelopt_input(draw: st.DrawFn, g: GraphBuilder, x: str) -> str:
+    """ModelOpt also quantizes the input of the ops it runs in int8 with the Convs (global and
+    average pools, ReduceMean, residual Adds): now and then, `x` behind its Q/DQ."""
+    if g.quantization is None or g.quantization.form != "modelopt" or not draw(st.booleans()):
+        return x
+    return quantize_activation(draw, g, x)[0]
 
 
 def emit_weight(draw: st.DrawFn, g: GraphBuilder, value: np.ndarray, axis: int, quantized: bool) -> tuple[str, np.ndarray | None]:
@@ -463,11 +477,12 @@ def step_squeeze_excite(draw: st.DrawFn, g: GraphBuilder) -> str:
     """x * gate(x): pooled, 1x1 Conv down, Relu, 1x1 Conv up, Sigmoid; the gate broadcasts over H, W."""
     x = pick_map(draw, g)
     b, c, h, w = g.shapes[x]
+    source = modelopt_input(draw, g, x)
     if draw(st.booleans()):
-        pooled = g.op("GlobalAveragePool", [x], (b, c, 1, 1))
+        pooled = g.op("GlobalAveragePool", [source], (b, c, 1, 1))
     else:
         inputs, attrs = reduce_attrs(draw, g, "ReduceMean", [2, 3])
-        pooled = g.op("ReduceMean", [x, *inputs], (b, c, 1, 1), keepdims=1, **attrs)
+        pooled = g.op("ReduceMean", [source, *inputs], (b, c, 1, 1), keepdims=1, **attrs)
     down = emit_conv(draw, g, pooled, draw(CHANNELS), pointwise())
     squeezed = g.op("Relu", [down], g.shapes[down])
     gate = emit_conv(draw, g, squeezed, c, pointwise())
@@ -585,6 +600,8 @@ def step_binary(draw: st.DrawFn, g: GraphBuilder) -> str:
         other = emit_conv(draw, g, x, g.shapes[x][1], same_size(draw(st.sampled_from([1, 3]))))
         if draw(st.booleans()):
             other = g.op("Relu", [other], g.shapes[other])
+    if op == "Add":
+        x, other = modelopt_input(draw, g, x), modelopt_input(draw, g, other)
     inputs = [x, other] if draw(st.booleans()) else [other, x]
     g.put(g.op(op, inputs, g.shapes[x]))
     return f"{form} {op}"
@@ -609,6 +626,8 @@ def step_reduce(draw: st.DrawFn, g: GraphBuilder) -> str:
     x = pick_map(draw, g)
     shape = g.shapes[x]
     op = draw(st.sampled_from(["ReduceMean", "ReduceMean", "ReduceMax", "ReduceSum"]))
+    if op == "ReduceMean":
+        x = modelopt_input(draw, g, x)
     form = draw(st.sampled_from(["spatial", "spatial", "one spatial", "any", "all"]))
     if form == "spatial":
         axes = [2, 3]
@@ -637,6 +656,8 @@ def step_pool(draw: st.DrawFn, g: GraphBuilder) -> str:
     x = pick_map(draw, g)
     b, c, h, w = g.shapes[x]
     op = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]))
+    if "Average" in op:
+        x = modelopt_input(draw, g, x)
     if op.startswith("Global"):
         g.put(g.op(op, [x], (b, c, 1, 1)))
         return op

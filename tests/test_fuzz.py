@@ -27,17 +27,22 @@ tests/fixtures/cases_fuzz_regressions.py and tests in tests/test_fuzz_regression
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import onnx
 import pytest
-from hypothesis import event, given, note
+from hypothesis import event, given, note, settings
+from hypothesis.control import currently_in_test_context
 from onnx import helper
 
 from graphopt import Pipeline, Tolerance
 from graphopt.registry import available_passes, default_order
 from graphopt.report import CHANGED, UNCHANGED, Report
 from graphopt.testing import check_equivalent
-from graphopt.verify import Verifier
-from tests.graph_grammar import GeneratedModel, models
+from graphopt.verify import Verifier, run_onnxruntime_sets
+from tests.graph_grammar import FORMS, GeneratedModel, models
+from tests.test_verify_quantized import MUTATIONS, deep_quantized_stack, mutated
 
 # Option settings worth fuzzing besides the defaults. Generous FLOP caps let pad-channels and
 # merge-convs rewrite the tiny channel counts the grammar draws, which their defaults decline.
@@ -191,9 +196,9 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
     assert not float_differences, "with activation Q/DQ taken out:\n" + "\n".join(float_differences)
     differences = value_differences(tolerance, generated.model, optimized, runs)
     if not differences:
-        event("quantized: outputs equal")
+        if currently_in_test_context():
+            event("quantized: outputs equal")
         return
-    event("quantized: outputs differ, regions equal")
     assert tolerance is not EXACT, "\n".join(differences)
     one_step = size = 0
     for run in runs:
@@ -202,7 +207,9 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
         assert verdict.layerwise is not None, f"{run}: not judged layer-wise ({verifier.warnings})"
         assert verdict.passed, f"{run}: {verdict.worst.describe()}; {verdict.layerwise.describe()}"
         one_step, size = one_step + verdict.layerwise.one_step, size + verdict.layerwise.compared
-    note(f"one step off: {one_step} of {size} quantized values")
+    if currently_in_test_context():
+        event("quantized: outputs differ, regions equal")
+        note(f"one step off: {one_step} of {size} quantized values")
     assert one_step <= max(MAX_ONE_STEP, MAX_SHARE_ONE_STEP * size), f"{one_step} of {size} quantized values one step off"
 
 
@@ -278,7 +285,70 @@ def check_pipeline_properties(spec: str, generated: GeneratedModel) -> None:
     assert_idempotent(spec, optimized)
 
 
+# GRAPHOPT_FUZZ_FORMS=ort,modelopt (with HYPOTHESIS_PROFILE=long) hunts in quantized models only.
+FORMS = tuple(os.environ["GRAPHOPT_FUZZ_FORMS"].split(",")) if os.environ.get("GRAPHOPT_FUZZ_FORMS") else FORMS
+
+
 @pytest.mark.parametrize("spec", fuzzed_specs())
-@given(generated=models())
+@given(generated=models(forms=FORMS))
 def test_pipeline_keeps_every_property_on_random_models(spec: str, generated: GeneratedModel) -> None:
     check_pipeline_properties(spec, generated)
+
+
+# -- the grammar's quantized models are live ----------------------------------------------------------------
+
+# A drawn activation range of 2 clips N(0, 1) inputs at 2 sigma: a few percent of a model's
+# quantized values sit at the ends of their range, now and then far more (a ReduceSum of 24 values
+# before a quantizer of range 4: 44%); a scale wrong by a factor saturates nearly all.
+MAX_SATURATED_IN_MODEL = 0.5
+
+
+@settings(max_examples=40)
+@given(generated=models(forms=("ort", "modelopt")))
+def test_quantized_models_are_finite_input_dependent_and_not_saturated(generated: GeneratedModel) -> None:
+    """A degenerate quantized model (constant or saturated quantizers) would let a wrong rewrite of
+    what they hide pass: on N(0, 1) inputs its outputs are finite and depend on the input wherever
+    the float function it approximates does, and its quantizers mostly hold values inside their range."""
+    model = generated.model
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = (dims[0].dim_value or 2, *(d.dim_value for d in dims[1:]))  # a symbolic batch at 2
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(2)]
+    constants = {t.name for t in model.graph.initializer}
+    quantized = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in quantized)
+    (first, second), float_function = run_onnxruntime_sets(probe, feeds), run_onnxruntime_sets(without_activation_quantizers(model), feeds)
+    for o in model.graph.output:
+        if first[o.name].dtype.kind != "f":
+            continue
+        assert np.isfinite(first[o.name]).all() and np.isfinite(second[o.name]).all(), o.name
+        moved = np.abs(first[o.name] - second[o.name]).max() > 1e-4 * np.abs(first[o.name]).max()
+        float_moved = np.abs(float_function[0][o.name] - float_function[1][o.name]).max() > 1e-4 * np.abs(float_function[0][o.name]).max()
+        assert moved or not float_moved, f"{o.name} does not depend on the input, though its float function does"
+    saturated = {t: np.count_nonzero((first[t] == np.iinfo(first[t].dtype).min) | (first[t] == np.iinfo(first[t].dtype).max)) for t in quantized}
+    assert not [t for t in quantized if saturated[t] == first[t].size > 1], "a quantizer saturates on every value"
+    total = sum(first[t].size for t in quantized)
+    assert sum(saturated.values()) <= MAX_SATURATED_IN_MODEL * total, f"{sum(saturated.values())} of {total} quantized values saturated"
+
+
+# -- the quantized check itself ------------------------------------------------------------------------------
+
+
+def test_the_quantized_check_accepts_an_exact_rewrite_whose_outputs_differ():
+    """Adding 100 and taking it away again is exact in real arithmetic; in float32 it moves values
+    on rounding boundaries by one step, and eight quantized layers carry the flips to the output."""
+    model = deep_quantized_stack()
+    generated = GeneratedModel(model, ("deep quantized stack",), "ort(int8)")
+    detoured = deep_quantized_stack(detour=True)
+    assert value_differences(FUZZ_TOLERANCE, model, detoured, equivalence_runs(generated))  # the outputs do differ
+    assert_quantized_runs("merge-convs", generated, detoured)
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_the_quantized_check_rejects_a_wrong_rewrite(mutation: str):
+    model = deep_quantized_stack()
+    generated = GeneratedModel(model, ("deep quantized stack",), "ort(int8)")
+    with pytest.raises(AssertionError):
+        assert_quantized_runs("merge-convs", generated, mutated(model, mutation, which=0))
