@@ -12,13 +12,23 @@ head: Flatten/Reshape/reduction to [B, K], then Gemm/MatMul linears with activat
 them, or a transformer-style token-wise linear. Every tensor nobody reads is a graph output, and
 so, now and then, is one that something reads.
 
-The opset is 11, 13 or 18, and each op is written the way its opset spells it: ReduceMean axes
-and Split sizes as attributes in 11, as inputs in 18, and so on. Shapes are tracked exactly while
-building, so a model is valid by construction; `models()` still runs `onnx.checker` with
-`full_check` (strict shape inference) on each one and rejects what fails.
+Half the models are quantized, as users bring them (`Quantized`): in ONNX Runtime's
+quantize_static form (int8 weights -> DequantizeLinear per output channel or per tensor, int32
+biases, int8 or uint8 activation Q/DQ in front of every Conv/Gemm/MatMul and sometimes after) or
+in ModelOpt's (float weights -> QuantizeLinear -> DequantizeLinear per output channel, int8 Q/DQ in
+front of Convs, linears, average pools, ReduceMean and residual Adds), some layers left float.
+Weight scales are max|w| / 127 per channel; activation scales cover [-r, r], r drawn from 2, 4, 8
+(the layers keep unit gain, so N(0, 1) inputs mostly stay inside).
+
+The opset is 11, 13 or 18 (13 or 18 when quantized: per-axis Q/DQ needs 13), and each op is
+written the way its opset spells it: ReduceMean axes and Split sizes as attributes in 11, as
+inputs in 18, and so on. Shapes are tracked exactly while building, so a model is valid by
+construction; `models()` still runs `onnx.checker` with `full_check` (strict shape inference) on
+each one and rejects what fails.
 
 Weights come from NumPy, seeded by a drawn integer; everything structural (channel counts,
-attributes, which constants are exactly 1 or 0) is drawn from hypothesis, so it shrinks.
+attributes, which constants are exactly 1 or 0, the form, which layers are quantized, per
+channel or per tensor, activation ranges and zero points) is drawn from hypothesis, so it shrinks.
 """
 
 from __future__ import annotations
