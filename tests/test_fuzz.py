@@ -191,8 +191,9 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
     would be; the quantized outputs are equal, or each region between the quantizers both graphs
     keep is, on the original's integers, with few values one step off."""
     runs, tolerance = equivalence_runs(generated), tolerance_for(spec)
+    # Seed 1 (and batch 3) only: a wrong weight shows on any input, and seed 0 is checked below.
     float_differences = value_differences(tolerance, without_activation_quantizers(generated.model),
-                                          without_activation_quantizers(optimized), runs)
+                                          without_activation_quantizers(optimized), runs[1:])
     assert not float_differences, "with activation Q/DQ taken out:\n" + "\n".join(float_differences)
     differences = value_differences(tolerance, generated.model, optimized, runs)
     if not differences:
