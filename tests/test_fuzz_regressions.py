@@ -348,7 +348,7 @@ def test_fc_to_conv_rewrites_a_quantized_token_linear_exactly():
     assert steps.max() == 1 and np.count_nonzero(steps) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="graphopt.layerwise cuts only at quantizers of the same shape (or one axis grown): "
+@pytest.mark.xfail(strict=True, reason="graphopt.layerwise cuts only at quantizers that keep their rank: "
                    "fc-to-conv's [rows, N] -> [rows, N, 1, 1] output quantizer is no cut point, so its one-step flip "
                    "reaches the graph output and the exact rewrite is rolled back")
 def test_fc_to_conv_keeps_its_exact_rewrite_of_a_quantized_token_linear():
