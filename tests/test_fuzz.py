@@ -158,12 +158,15 @@ def assert_equivalent_runs(spec: str, generated: GeneratedModel, optimized: onnx
         assert not value_differences(tolerance_for(spec), generated.model, optimized, equivalence_runs(generated))
 
 
-def value_differences(tolerance: Tolerance, reference: onnx.ModelProto, candidate: onnx.ModelProto, runs: list[dict]) -> list[str]:
+def value_differences(tolerance: Tolerance, reference: onnx.ModelProto, candidate: onnx.ModelProto, runs: list[dict],
+                      within_noise: bool = False) -> list[str]:
     """What differs between two graphs' outputs over the runs; fails at once on names, dtypes,
     shapes or NaN/Inf placement.
 
     Each output's worst error is judged against its largest value over all the runs, so that one
     run whose output happens to cancel to near zero does not take fp32 noise for a difference.
+    `within_noise`: an output also passes where the verifier passed it on every run, its error
+    within NOISE_FACTOR times the output's fp32 sensitivity (graphopt.verify).
     """
     verdicts = [check_equivalent(reference, candidate, backend=BACKEND, tolerance=tolerance, **run) for run in runs]
     mismatched = [f"{run}: {o.describe()}" for run, v in zip(runs, verdicts) for o in v.outputs if o.reason]
@@ -172,6 +175,8 @@ def value_differences(tolerance: Tolerance, reference: onnx.ModelProto, candidat
     for name in [o.name for o in verdicts[0].outputs]:
         per_run = [o for v in verdicts for o in v.outputs if o.name == name]
         error, scale = max(o.max_abs_err for o in per_run), max(o.scale for o in per_run)
+        if within_noise and all(o.passed for o in per_run):
+            continue
         if error > tolerance.atol + tolerance.rtol * scale:
             differences.append(f"{name}: max abs error {error:.3g} over {len(runs)} runs, largest |output| {scale:.3g}, tolerance {tolerance}")
     return differences
@@ -192,8 +197,11 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
     keep is, on the original's integers, with few values one step off."""
     runs, tolerance = equivalence_runs(generated), tolerance_for(spec)
     # Seed 1 (and batch 3) only: a wrong weight shows on any input, and seed 0 is checked below.
+    # Without its quantizers' clipping, a graph fed [0, 255] can sum large terms that cancel (a
+    # conv widening 1 channel to 33, one narrowing them back: 0.1 from terms of 1e3, off by 2e-4
+    # of it when pad-channels makes the 33 channels 40): such noise is judged as for any float graph.
     float_differences = value_differences(tolerance, without_activation_quantizers(generated.model),
-                                          without_activation_quantizers(optimized), runs[1:])
+                                          without_activation_quantizers(optimized), runs[1:], within_noise=tolerance is not EXACT)
     assert not float_differences, "with activation Q/DQ taken out:\n" + "\n".join(float_differences)
     differences = value_differences(tolerance, generated.model, optimized, runs)
     if not differences:
