@@ -356,3 +356,21 @@ def test_fc_to_conv_keeps_its_exact_rewrite_of_a_quantized_token_linear():
     _, report = Pipeline([FcToConv(token_linears=True)]).run(model)
     [record] = [p for p in report.passes if p.name == "fc-to-conv"]
     assert record.status == "changed" and not record.rolled_back, [r.reason for r in record.rolled_back]
+
+
+IDENTITY_THEN_PAD = "remove-identity-scale,pad-channels(max-overhead=100)"  # their order in `all`
+
+
+def test_remove_identity_scale_keeps_an_identity_batchnorm_between_two_outputs_and_pad_channels_pads_it():
+    model = load_case("fuzz_regressions/identity_batchnorm_of_an_output_before_padding")
+    out, report = optimize(model, IDENTITY_THEN_PAD)
+    changed = {p.name: p.sites_applied for p in report.passes if p.status == "changed"}
+    assert "remove-identity-scale" not in changed and changed["pad-channels"] == ["conv:conv_a", "conv:conv_b"]
+    assert op_counts(out)["BatchNormalization"] == 1 and report.equivalent
+
+
+@pytest.mark.xfail(strict=True, reason="once pad-channels pads it, the BatchNormalization reads the padded tensor, "
+                   "no graph output, and remove-identity-scale (before pad-channels in `all`) removes it on a second run")
+def test_padding_leaves_an_identity_batchnorm_of_an_output_nothing_for_a_second_run():
+    out, _ = optimize(load_case("fuzz_regressions/identity_batchnorm_of_an_output_before_padding"), IDENTITY_THEN_PAD)
+    assert changed_on_second_run(out, IDENTITY_THEN_PAD) == {}
