@@ -222,35 +222,45 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
     assert one_step <= max(MAX_ONE_STEP, MAX_SHARE_ONE_STEP * size), f"{one_step} of {size} quantized values one step off"
 
 
+# Ops that only move values: a quantized tensor may pass through them between its Q and its DQ
+# (pad-channels slices a padded quantized tensor on its integers).
+MOVES_VALUES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Slice"}
+
+
 def without_activation_quantizers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with each QuantizeLinear -> DequantizeLinear of a computed tensor taken out (a
-    DequantizeLinear that wrote a graph output becomes an Identity): the float function it
-    approximates. Weights stay as stored, Q/DQ included: a rewrite keeps them exactly."""
+    """`model` with each QuantizeLinear -> DequantizeLinear of a computed tensor taken out, also
+    where ops that only move values sit between them (they then move the float tensor): the float
+    function it approximates. A DequantizeLinear that wrote a graph output becomes an Identity.
+    Weights stay as stored, Q/DQ included: a rewrite keeps them exactly."""
     constants = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    quantized_from = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
     outputs = {o.name for o in model.graph.output}
-    renamed, nodes = {}, []
+    unquantized: dict[str, str] = {}  # a quantized tensor -> the float tensor it quantizes
+    renamed: dict[str, str] = {}  # a DequantizeLinear's output -> that float tensor
+    nodes = []
     for n in model.graph.node:
-        source = quantized_from.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
-        source = renamed.get(source, source)  # Q/DQ of a Q/DQ's output
-        if source is None:
-            nodes.append(n)
-        elif n.output[0] in outputs:
-            nodes.append(helper.make_node("Identity", [source], [n.output[0]], name=n.name))
-        else:
-            renamed[n.output[0]] = source
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    del stripped.graph.node[:]
-    for n in nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(n)
         copy.input[:] = [renamed.get(i, i) for i in n.input]
-        stripped.graph.node.append(copy)
-    read = {i for n in stripped.graph.node for i in n.input} | outputs
-    kept = [n for n in stripped.graph.node if not (n.op_type == "QuantizeLinear" and n.output[0] in quantized_from and n.output[0] not in read)]
+        source = unquantized.get(copy.input[0]) if copy.input else None
+        if n.op_type == "QuantizeLinear" and copy.input[0] not in constants:
+            unquantized[n.output[0]] = copy.input[0]
+        elif n.op_type in MOVES_VALUES and source is not None:
+            moved = onnx.NodeProto()
+            moved.CopyFrom(copy)
+            moved.name, moved.input[0], moved.output[0] = f"{n.name}__float", source, f"{n.output[0]}__float"
+            nodes.append(moved)
+            unquantized[n.output[0]] = moved.output[0]
+        elif n.op_type == "DequantizeLinear" and source is not None:
+            if n.output[0] in outputs:
+                nodes.append(helper.make_node("Identity", [source], [n.output[0]], name=n.name))
+            else:
+                renamed[n.output[0]] = source
+            continue
+        nodes.append(copy)
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
     del stripped.graph.node[:]
-    stripped.graph.node.extend(kept)
+    stripped.graph.node.extend(nodes)
     del stripped.graph.value_info[:]
     return stripped
 
