@@ -21,7 +21,8 @@ fuzzing, `all`, and `all` with every opt-in option) and each model drawn by
 5. the caller's ModelProto is not modified.
 
 Example counts come from the hypothesis profile (tests/conftest.py): `ci` by default,
-`HYPOTHESIS_PROFILE=long` for thousands. Counterexamples become fixtures in
+`HYPOTHESIS_PROFILE=long` for thousands. About a third of the models are quantized (the grammar's
+`FORMS`); `GRAPHOPT_FUZZ_FORMS=ort,modelopt` draws quantized models only. Counterexamples become fixtures in
 tests/fixtures/cases_fuzz_regressions.py and tests in tests/test_fuzz_regressions.py.
 """
 
