@@ -35,7 +35,7 @@ import onnx
 import pytest
 from hypothesis import event, given, note, settings
 from hypothesis.control import currently_in_test_context
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graphopt import Pipeline, Tolerance
 from graphopt.layerwise import is_quantized
@@ -232,6 +232,7 @@ def assert_quantized_runs(spec: str, generated: GeneratedModel, optimized: onnx.
 def agree_in_float64(reference: onnx.ModelProto, candidate: onnx.ModelProto, runs: list[dict]) -> bool:
     """Whether both graphs compute the same outputs in float64 (to 1e-9 of each output's scale) on
     the verifier's input sets of every run: then a float32 difference is rounding."""
+    reference, candidate = weights_dequantized(reference), weights_dequantized(candidate)
     for run in runs:
         verifier = Verifier(reference, **run)
         for feed in verifier.feeds:
@@ -240,6 +241,37 @@ def agree_in_float64(reference: onnx.ModelProto, candidate: onnx.ModelProto, run
                 if ours.shape != theirs.shape or np.abs(ours - theirs).max(initial=0) > 1e-9 * np.abs(ours).max(initial=0):
                     return False
     return True
+
+
+def weights_dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with each DequantizeLinear of a constant (integers, or a float constant's
+    QuantizeLinear) replaced by its value in float64, which onnx's reference evaluator needs
+    (it has no DequantizeLinear before opset 19)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    folded, nodes = {}, []
+    for n in model.graph.node:
+        inputs = [values.get(i) if i else None for i in n.input]
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and inputs[0] is not None and inputs[1] is not None:
+            scale = inputs[1].astype(np.float64)
+            zero = (inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros_like(inputs[1], np.int8)).astype(np.float64)
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and scale.size > 1:
+                shape = [-1 if d == axis % inputs[0].ndim else 1 for d in range(inputs[0].ndim)]
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            if n.op_type == "QuantizeLinear":
+                info = np.iinfo(inputs[2].dtype if len(inputs) > 2 and inputs[2] is not None else np.uint8)
+                values[n.output[0]] = np.clip(np.rint(inputs[0] / scale) + zero, info.min, info.max)
+            else:
+                values[n.output[0]] = folded[n.output[0]] = (inputs[0].astype(np.float64) - zero) * scale
+            continue
+        nodes.append(n)
+    needed = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
+    widened = onnx.ModelProto()
+    widened.CopyFrom(model)
+    del widened.graph.node[:]
+    widened.graph.node.extend(nodes)
+    widened.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items() if name in needed)
+    return widened
 
 
 # Ops that only move values: a quantized tensor may pass through them between its Q and its DQ
