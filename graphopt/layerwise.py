@@ -69,6 +69,9 @@ class CutPoint:
     # the reference's integers are injected in front, the candidate's own values after them.
     grown_axis: int | None = None
     reference_length: int = 0
+    # Trailing dimensions of 1 the candidate's tensor has past the reference's (fc-to-conv carries
+    # a linear's [rows, N] output quantizer into 4-D as [rows, N, 1, 1]): injected reshaped.
+    unit_dims: int = 0
     scale: np.ndarray | None = None  # the quantizer's (equal in both graphs)
     zero_point: np.ndarray | None = None
     axis: int | None = None  # of a per-axis scale
@@ -82,6 +85,8 @@ class CutPoint:
 
     def reference_part(self, candidate_value: np.ndarray) -> np.ndarray:
         """The part of a candidate tensor (the cut point, or its quantizer's input) the reference has."""
+        if self.unit_dims:
+            return candidate_value.reshape(candidate_value.shape[:candidate_value.ndim - self.unit_dims])
         if self.grown_axis is None:
             return candidate_value
         return np.take(candidate_value, np.arange(self.reference_length), axis=self.grown_axis)
@@ -146,8 +151,9 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
         if {name, cand_name} & graph_outputs or cand_name in graph_inputs:
             continue
         ref_type, cand_type = ref_types.get(name), cand_types.get(cand_name)
-        grown = None if ref_type is None or cand_type is None else _grown_axis(ref_type.type, cand_type.type)
-        if grown is False or (grown is not None and ref_type.type.tensor_type.elem_type not in _SLICEABLE):
+        unit_dims = 0 if ref_type is None or cand_type is None else _unit_dims(ref_type.type, cand_type.type)
+        grown = None if ref_type is None or cand_type is None else _grown_axis(ref_type.type, cand_type.type, unit_dims)
+        if grown is False or (grown is not None and (unit_dims or ref_type.type.tensor_type.elem_type not in _SLICEABLE)):
             continue
         if not _same_parameters(ref_node, ref_constants, cand_node, cand_constants):
             continue
@@ -158,7 +164,8 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
         scale = ref_constants[ref_node.input[1]]
         zero_point = ref_constants[ref_node.input[2]] if len(ref_node.input) > 2 and ref_node.input[2] else None
         axis = next((a.i for a in ref_node.attribute if a.name == "axis"), 1)
-        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length, scale, zero_point, axis))
+        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length, unit_dims,
+                             scale, zero_point, axis))
     return cuts
 
 
@@ -185,9 +192,11 @@ def candidate_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.Mo
         if node.op_type == "QuantizeLinear" and node.output[0] in own_names:
             node.output[0] = own_names[node.output[0]]
     for cut in cuts:
-        probe.graph.input.append(_renamed(cut.value_info, cut.candidate_name if cut.grown_axis is None else cut.name + REFERENCE_SUFFIX))
+        probe.graph.input.append(_renamed(cut.value_info, _injected_name(cut)))
         if cut.grown_axis is not None:
             _append_reference_in_front(probe.graph, cut)
+        elif cut.unit_dims:
+            _append_reference_reshaped(probe.graph, cut)
     own = [_renamed(types[c.candidate_name], c.name + OWN_SUFFIX) for c in cuts]
     _add_outputs(probe, [types[c.candidate_input] for c in cuts] + own)
     return probe
@@ -195,7 +204,20 @@ def candidate_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.Mo
 
 def injected_feed(cuts: Sequence[CutPoint], reference_values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The candidate probe's extra inputs: each cut point's reference integers."""
-    return {c.candidate_name if c.grown_axis is None else c.name + REFERENCE_SUFFIX: reference_values[c.name] for c in cuts}
+    return {_injected_name(c): reference_values[c.name] for c in cuts}
+
+
+def _injected_name(cut: CutPoint) -> str:
+    """The candidate's own tensor name, or (where it must be reshaped or extended) a name of its own."""
+    return cut.candidate_name if cut.grown_axis is None and not cut.unit_dims else cut.name + REFERENCE_SUFFIX
+
+
+def _append_reference_reshaped(graph: onnx.GraphProto, cut: CutPoint) -> None:
+    """The candidate's tensor = the reference integers with the candidate's trailing dimensions of 1."""
+    rank = len(cut.value_info.type.tensor_type.shape.dim)
+    shape = cut.name + "__graphopt_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([0] * rank + [1] * cut.unit_dims, np.int64), shape))
+    graph.node.append(onnx.helper.make_node("Reshape", [cut.name + REFERENCE_SUFFIX, shape], [cut.candidate_name]))
 
 
 def _append_reference_in_front(graph: onnx.GraphProto, cut: CutPoint) -> None:
@@ -345,13 +367,24 @@ def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in [*graph.input, *graph.value_info, *graph.output] if v.type.HasField("tensor_type")}
 
 
-def _grown_axis(reference: onnx.TypeProto, candidate: onnx.TypeProto) -> int | None | bool:
-    """None when both types are one element type and rank and no dimension known on both sides
-    differs; the axis when only that one is longer in the candidate; False otherwise. A dimension
-    unknown or symbolic on either side (shape inference names them as it goes) is left to the run:
-    a tensor of another shape there fails its comparison."""
+def _unit_dims(reference: onnx.TypeProto, candidate: onnx.TypeProto) -> int:
+    """How many trailing dimensions, each known to be 1, the candidate's type has past the reference's rank."""
     ta, tb = reference.tensor_type, candidate.tensor_type
-    if ta.elem_type != tb.elem_type or not ta.HasField("shape") or not tb.HasField("shape") or len(ta.shape.dim) != len(tb.shape.dim):
+    if not ta.HasField("shape") or not tb.HasField("shape"):
+        return 0
+    extra = tb.shape.dim[len(ta.shape.dim):]
+    return len(extra) if extra and all(d.HasField("dim_value") and d.dim_value == 1 for d in extra) else 0
+
+
+def _grown_axis(reference: onnx.TypeProto, candidate: onnx.TypeProto, unit_dims: int = 0) -> int | None | bool:
+    """None when both types are one element type and rank (less the candidate's `unit_dims`
+    trailing ones) and no dimension known on both sides differs; the axis when only that one is
+    longer in the candidate; False otherwise. A dimension unknown or symbolic on either side
+    (shape inference names them as it goes) is left to the run: a tensor of another shape there
+    fails its comparison."""
+    ta, tb = reference.tensor_type, candidate.tensor_type
+    if ta.elem_type != tb.elem_type or not ta.HasField("shape") or not tb.HasField("shape") \
+            or len(ta.shape.dim) + unit_dims != len(tb.shape.dim):
         return False
     grown = None
     for axis, (da, db) in enumerate(zip(ta.shape.dim, tb.shape.dim)):
