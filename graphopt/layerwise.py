@@ -151,8 +151,10 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
         if {name, cand_name} & graph_outputs or cand_name in graph_inputs:
             continue
         ref_type, cand_type = ref_types.get(name), cand_types.get(cand_name)
-        unit_dims = 0 if ref_type is None or cand_type is None else _unit_dims(ref_type.type, cand_type.type)
-        grown = None if ref_type is None or cand_type is None else _grown_axis(ref_type.type, cand_type.type, unit_dims)
+        if ref_type is None or cand_type is None:
+            continue  # a type shape inference does not know (a contrib domain's): no input can be declared
+        unit_dims = _unit_dims(ref_type.type, cand_type.type)
+        grown = _grown_axis(ref_type.type, cand_type.type, unit_dims)
         if grown is False or (grown is not None and (unit_dims or ref_type.type.tensor_type.elem_type not in _SLICEABLE)):
             continue
         if not _same_parameters(ref_node, ref_constants, cand_node, cand_constants):

@@ -187,3 +187,24 @@ def test_cut_points_are_the_activation_quantizers_a_rewrite_kept():
         if init.name == "s3":
             init.CopyFrom(onnx.numpy_helper.from_array(np.array(1 / 16, np.float32), "s3"))
     assert "q3" not in [c.name for c in cut_points(model, changed)]
+
+
+def test_contrib_domain_quantizers_are_never_excused_as_rounding():
+    """ORT's com.microsoft Q/DQ (which shape inference does not type) make the graph quantized too:
+    with no cut point, the whole graph is one region, judged without the rounding allowance."""
+    model = deep_quantized_stack()
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n.domain = "com.microsoft"
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    assert is_quantized(model)
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(model)
+    for init in wrong.graph.initializer:
+        if init.name == "ws3":
+            scale = onnx.numpy_helper.to_array(init).copy()
+            scale[0] *= 1.05
+            init.CopyFrom(onnx.numpy_helper.from_array(scale, "ws3"))
+    verifier = Verifier(model)
+    verdict, _ = verifier.check(verifier.reference_of_input(model), wrong, model)
+    assert not verdict.passed and not verifier.warnings
