@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 
 # graphsurgeon imports an unset domain as None; ONNX spells the default domain "" or "ai.onnx".
@@ -363,10 +365,29 @@ def export_like(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     Intermediate value_info is dropped on purpose: a pass may have changed a tensor's shape, and
     stale shapes would fail strict shape inference. The manager re-infers shapes afterwards.
     """
+    _pack_sub_byte_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]
     keep_model_fields(model, template)
     return model
+
+
+_SUB_BYTE_TYPES = ("int4", "uint4", "float4_e2m1fn")
+
+
+def _pack_sub_byte_constants(graph: gs.Graph) -> None:
+    """Hand graphsurgeon 4-bit constants a pass has read as packed TensorProtos.
+
+    graphsurgeon 0.6 exports a loaded constant as its NumPy bytes, one byte an element, which for
+    int4/uint4 is not what ONNX stores (two to a byte): the export raises. onnx's own from_array
+    packs them, and graphsurgeon exports a lazily held TensorProto as it is. Constants never read
+    are still lazy and need nothing.
+    """
+    for each in (graph, *iter_subgraphs(graph)):
+        for tensor in each.tensors().values():
+            if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, LazyValues) \
+                    and np.dtype(tensor.dtype).name in _SUB_BYTE_TYPES:
+                tensor.values = LazyValues(numpy_helper.from_array(tensor.values, tensor.name))
 
 
 def keep_model_fields(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

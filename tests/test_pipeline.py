@@ -269,3 +269,21 @@ def test_a_weight_equal_to_one_a_pass_added_is_not_held_back():
     assert len(full.graph.initializer) == 5  # the copy was merged
     assert list(held_back.graph.node) == list(full.graph.node)
     assert sorted(t.SerializeToString() for t in held_back.graph.initializer) == sorted(t.SerializeToString() for t in full.graph.initializer)
+
+
+def test_a_read_int4_weight_exports_packed():
+    """graphsurgeon exports a 4-bit constant it has loaded one byte an element (invalid ONNX):
+    export_like hands it a packed TensorProto, so a pass that reads int4 weights can rewrite."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.graphs import export_like, weight
+
+    model = load_case("pad_channels/int4_weight_chain_12")
+    graph = gs.import_onnx(model)
+    int4 = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.dtype.name == "int4"]
+    assert int4
+    before = {t.name: weight(t).stored.astype(np.int8) for t in int4}  # reading loads them
+    out = export_like(graph, model)
+    onnx.checker.check_model(out, full_check=True)
+    after = {t.name: onnx.numpy_helper.to_array(t).astype(np.int8) for t in out.graph.initializer if t.name in before}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)

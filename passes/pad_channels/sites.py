@@ -15,9 +15,9 @@ from graphopt.precision import LayerPrecision
 
 VALID_ALIGNS = (8, 16, 32)
 # The stored types of a quantized conv weight the pass grows: the INT8 and FP8 layers of
-# graphopt.precision. Not int4/uint4: onnx-graphsurgeon 0.6.1 writes a read int4 constant one byte
-# an element, not packed, so the model it exports is invalid. Not the FNUZ float8 types: it
-# writes them back as E4M3FN/E5M2, another type.
+# graphopt.precision. Not int4/uint4 (yet: graphs.export_like now exports read 4-bit constants
+# packed, but padding them is untested). Not the FNUZ float8 types: onnx-graphsurgeon writes them
+# back as E4M3FN/E5M2, another type.
 QUANTIZED_TYPES = tuple(tensor_dtype_to_np_dtype(t) for t in (TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2))
 # A quantized bias: ONNX Runtime's int32 (scale = input scale x weight scale), or any of the above.
 BIAS_TYPES = (np.dtype(np.int32), *QUANTIZED_TYPES)
