@@ -477,7 +477,7 @@ def node_names(nodes: Sequence[gs.Node]) -> str:
     return ",".join(n.name for n in nodes)
 
 
-def live_channels(weight: Weight, axis: int, bias: np.ndarray | None = None) -> int:
+def live_channels(weight: Weight, axis: int, bias: Weight | None = None) -> int:
     """Channels of `weight` along `axis` up to the last one that computes something.
 
     pad-channels appends zero channels: zero filters (with zero bias) and zero input weights, a
@@ -486,20 +486,24 @@ def live_channels(weight: Weight, axis: int, bias: np.ndarray | None = None) -> 
     they are not work. `bias` (for axis 0) keeps a zero filter with a bias alive. A weight with no
     non-zero channel counts all of them.
     """
-    stored, quantization = weight.stored, weight.quantization
-    if quantization is None or quantization.quantize is not None:  # a float zero quantizes to the zero point
-        nonzero = stored != 0
-    else:
-        # float64 holds every int8..int32 and float8 value exactly (int64 would truncate float8's 0.5)
-        zero_point = quantization.zero_point.astype(np.float64)
-        if quantization.axis is not None:
-            zero_point = zero_point.reshape([-1 if a == quantization.axis else 1 for a in range(stored.ndim)])
-        nonzero = stored.astype(np.float64) != zero_point
-    live = np.any(nonzero, axis=tuple(a for a in range(stored.ndim) if a != axis))
+    stored = weight.stored
+    live = np.any(_reads_nonzero(weight), axis=tuple(a for a in range(stored.ndim) if a != axis))
     if bias is not None:
-        live = live | (bias != 0)
+        live = live | _reads_nonzero(bias).reshape(-1)
     read = np.flatnonzero(live)
     return int(read[-1]) + 1 if read.size else stored.shape[axis]
+
+
+def _reads_nonzero(value: Weight) -> np.ndarray:
+    """Where a weight's reader sees something other than 0: stored values off their zero point."""
+    stored, quantization = value.stored, value.quantization
+    if quantization is None or quantization.quantize is not None:  # a float zero quantizes to the zero point
+        return stored != 0
+    # float64 holds every int8..int32 and float8 value exactly (int64 would truncate float8's 0.5)
+    zero_point = quantization.zero_point.astype(np.float64)
+    if quantization.axis is not None:
+        zero_point = zero_point.reshape([-1 if a == quantization.axis else 1 for a in range(stored.ndim)])
+    return stored.astype(np.float64) != zero_point
 
 
 def set_split_sizes(graph: gs.Graph, split: gs.Node, sizes: Sequence[int]) -> None:

@@ -582,21 +582,9 @@ def describe_conv(graph: gs.Graph, conv: gs.Node) -> ConvInfo:
         in_spatial=tuple(int(d) for d in conv.inputs[0].shape[2:]),
         out_spatial=tuple(int(d) for d in conv.outputs[0].shape[2:]),
         activation=activation_of(graph, conv.outputs[0]),
-        live_out=live_channels(conv_weight, 0, None if bias is None else dequantized(bias)),
+        live_out=live_channels(conv_weight, 0, bias),
         live_in=live_channels(conv_weight, 1),
     )
-
-
-def dequantized(value: Weight) -> np.ndarray:
-    """A weight's value as a reader sees it, in float64 (to tell which entries are zero)."""
-    q = value.quantization
-    if q is None:
-        return value.stored
-    shape = [-1 if a == q.axis else 1 for a in range(value.stored.ndim)] if q.axis is not None else []
-    stored = value.stored.astype(np.float64)
-    if q.quantize is not None:
-        return stored
-    return (stored - q.zero_point.astype(np.float64).reshape(shape)) * q.scale.astype(np.float64).reshape(shape)
 
 
 def activation_of(graph: gs.Graph, out: gs.Tensor) -> gs.Node | None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import DEFAULT_DOMAINS, Weight, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
+from graphopt.graphs import DEFAULT_DOMAINS, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
 from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
@@ -34,7 +34,7 @@ def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> Co
     conv_weight = weight(conv.inputs[1])
     out_channels, in_per_group = conv_weight.shape[:2]
     group = conv.attrs.get("group", 1)
-    bias = bias_offsets(weight(conv.inputs[2])) if has_bias(conv) else None
+    bias = weight(conv.inputs[2]) if has_bias(conv) else None
     per_channel_pair = 2 * math.prod(conv_weight.shape[2:]) * math.prod(conv.outputs[0].shape[2:])
     live_out = out_channels if grows_out else live_channels(conv_weight, 0, bias)
     live_in = in_per_group if grows_in or group != 1 else live_channels(conv_weight, 1)
@@ -45,15 +45,6 @@ def conv_cost(conv: gs.Node, padded: int, grows_out: bool, grows_in: bool) -> Co
         (per_channel_pair * live_out * live_in,
          per_channel_pair * (padded if grows_out else live_out) * (padded if grows_in and group == 1 else live_in)),
     )
-
-
-def bias_offsets(bias: Weight) -> np.ndarray:
-    """Per output channel, a value that is 0 exactly where the bias reads 0: a quantized bias's
-    stored integers minus their zero point (a float before its QuantizeLinear: itself)."""
-    q = bias.quantization
-    if q is None or q.quantize is not None:
-        return bias.stored
-    return bias.stored.astype(np.float64) - q.zero_point.astype(np.float64)
 
 
 def total_flops(costs: list[ConvCost]) -> tuple[int, int]:
