@@ -65,6 +65,11 @@ class CutPoint:
     reference_input: str
     candidate_input: str
     value_info: onnx.ValueInfoProto  # the reference's quantized tensor type, declared for the injected input
+    # The types the cut form marks as outputs: the candidate's quantized tensor and quantizer input
+    # (shape inference ran once, in cut_points), and the reference's quantizer input.
+    candidate_info: onnx.ValueInfoProto
+    candidate_input_info: onnx.ValueInfoProto
+    reference_input_info: onnx.ValueInfoProto
     # The one axis along which the candidate's tensor is longer (pad-channels' padded channels):
     # the reference's integers are injected in front, the candidate's own values after them.
     grown_axis: int | None = None
@@ -73,7 +78,6 @@ class CutPoint:
     # a linear's [rows, N] output quantizer into 4-D as [rows, N, 1, 1]): injected reshaped.
     unit_dims: int = 0
     scale: np.ndarray | None = None  # the quantizer's (equal in both graphs)
-    zero_point: np.ndarray | None = None
     axis: int | None = None  # of a per-axis scale
 
     def step(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -163,17 +167,17 @@ def cut_points(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[C
             continue  # the quantizer's input cannot be marked as an output without its type
         length = 0 if grown is None else ref_type.type.tensor_type.shape.dim[grown].dim_value
         paired.add(cand_name)
-        scale = ref_constants[ref_node.input[1]]
-        zero_point = ref_constants[ref_node.input[2]] if len(ref_node.input) > 2 and ref_node.input[2] else None
         axis = next((a.i for a in ref_node.attribute if a.name == "axis"), 1)
-        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, grown, length, unit_dims,
-                             scale, zero_point, axis))
+        cuts.append(CutPoint(name, cand_name, ref_node.input[0], cand_node.input[0], ref_type, cand_type,
+                             cand_types[cand_node.input[0]], ref_types[ref_node.input[0]], grown, length, unit_dims,
+                             ref_constants[ref_node.input[1]], axis))
     return cuts
 
 
 def reference_cut(cut: CutPoint) -> CutPoint:
     """The cut point as the reference graph has it (to cut the reference in the candidate's form)."""
-    return CutPoint(cut.name, cut.name, cut.reference_input, cut.reference_input, cut.value_info)
+    return CutPoint(cut.name, cut.name, cut.reference_input, cut.reference_input, cut.value_info, cut.value_info,
+                    cut.reference_input_info, cut.reference_input_info)
 
 
 def reference_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.ModelProto:
@@ -188,7 +192,6 @@ def candidate_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.Mo
     in front of the candidate's own extra values where it grew); its own quantizer writes
     `<name>__graphopt_own`, an extra output."""
     probe = _copy(model)
-    types = _value_infos(infer_shapes(model).graph)
     own_names = {c.candidate_name: c.name + OWN_SUFFIX for c in cuts}
     for node in probe.graph.node:
         if node.op_type == "QuantizeLinear" and node.output[0] in own_names:
@@ -199,8 +202,8 @@ def candidate_probe(model: onnx.ModelProto, cuts: Sequence[CutPoint]) -> onnx.Mo
             _append_reference_in_front(probe.graph, cut)
         elif cut.unit_dims:
             _append_reference_reshaped(probe.graph, cut)
-    own = [_renamed(types[c.candidate_name], c.name + OWN_SUFFIX) for c in cuts]
-    _add_outputs(probe, [types[c.candidate_input] for c in cuts] + own)
+    own = [_renamed(c.candidate_info, c.name + OWN_SUFFIX) for c in cuts]
+    _add_outputs(probe, [c.candidate_input_info for c in cuts] + own)
     return probe
 
 
