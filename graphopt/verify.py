@@ -444,7 +444,8 @@ def compare_sets(reference: Sequence[Outputs], candidate: Sequence[Outputs], tol
     noise = list(noise) if noise is not None else [{}] * len(reference)
     worst: OrderedDict[str, OutputVerdict] = OrderedDict()
     for ref, cand, label, set_noise in zip(reference, candidate, labels, noise):
-        verdicts = ScaledErrorCompare(tolerance, set_noise)(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
+        compare = ScaledErrorCompare(tolerance, set_noise)
+        verdicts = compare(IterationResult(OrderedDict(ref), runner_name="reference"), IterationResult(OrderedDict(cand), runner_name=backend))
         for name, verdict in verdicts.items():
             verdict = dataclasses.replace(verdict, input_set=label)
             if name not in worst or verdict.worse_than(worst[name]):
@@ -537,9 +538,9 @@ class Verifier:
 
     def compare(self, reference: Sequence[Outputs], candidate: Sequence[Outputs],
                 reference_model: onnx.ModelProto | None = None, candidate_model: onnx.ModelProto | None = None) -> Verdict:
-        """Judge by the tolerance. An error beyond it is judged again: layer-wise when the graph is
-        quantized and both graphs are given (graphopt.layerwise), else against the input sets'
-        fp32 sensitivity.
+        """Judge by the tolerance. A quantized graph whose outputs are not bit-identical is judged
+        layer-wise instead, when both graphs are given (graphopt.layerwise); in any other graph an
+        error beyond the tolerance is judged again against the input sets' fp32 sensitivity.
 
         The sensitivity is measured on the input model (never on a candidate, whose own flaw could
         make it sensitive), once, and only when a numeric failure asks for it: it costs a run per set.
