@@ -101,11 +101,11 @@ def weight(tensor: gs.Tensor) -> Weight | None:
     """
     if (value := constant_value(tensor)) is not None:
         return Weight(value)
-    dequantize = _producer(tensor, "DequantizeLinear")
+    dequantize = producer_of(tensor, "DequantizeLinear")
     if dequantize is None:
         return None
     source = dequantize.inputs[0]
-    quantize = _producer(source, "QuantizeLinear")
+    quantize = producer_of(source, "QuantizeLinear")
     stored = constant_value(quantize.inputs[0] if quantize is not None else source)
     scale, zero_point = _scale_and_zero_point(dequantize)
     if stored is None or scale is None or zero_point is None or dequantize.attrs.get("block_size", 0):
@@ -118,9 +118,22 @@ def weight(tensor: gs.Tensor) -> Weight | None:
     return Weight(stored, Quantization(dequantize, scale, zero_point, axis, quantize))
 
 
-def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+def producer_of(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The node of type `op` (default domain) that writes `tensor`, or None."""
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == op and tensor.inputs[0].domain in DEFAULT_DOMAINS:
         return tensor.inputs[0]
+    return None
+
+
+def per_tensor_problem(node: gs.Node) -> str | None:
+    """Why a QuantizeLinear/DequantizeLinear does not quantize its data with one constant scale and zero point."""
+    if node.attrs.get("block_size", 0):
+        return "quantized in blocks (block_size)"
+    parameters = [constant_value(t) for t in node.inputs[1:3] if t.name]
+    if any(p is None for p in parameters):
+        return "quantized with a runtime scale or zero point"
+    if any(p.ndim != 0 for p in parameters):
+        return "quantized per axis"
     return None
 
 

@@ -68,6 +68,8 @@ from graphopt.graphs import (
     make_constant,
     make_weight,
     nodes_with_op,
+    per_tensor_problem,
+    producer_of,
     rank,
     unique_name,
     used_in_subgraph,
@@ -171,7 +173,7 @@ class FcToConv(GraphPass[FcToConvOptions]):
             return "token-wise linear (token_linears=false)"
         if linear.source is not None and channels_broadcast_in_front(linear.source):
             return "the flattened map is a Mul that broadcasts channels (onnxsim folds it into a Conv wrongly)"
-        dequantized_map = linear.source is not None and written_by(linear.source, "DequantizeLinear") is not None
+        dequantized_map = linear.source is not None and producer_of(linear.source, "DequantizeLinear") is not None
         if linear.weight_form.quantized and linear.quantizer is None and not dequantized_map:
             # the Conv would read a float tensor: what TensorRT builds of a Conv with only its weight quantized is not known here
             return "weight quantized but not the input (weight-only quantization)"
@@ -223,7 +225,7 @@ def reason_not_a_linear(node: gs.Node) -> str | None:
         return "Gemm with transA=1"
     w = weight(node.inputs[1])
     if w is None:
-        if (dequantize := written_by(node.inputs[1], "DequantizeLinear")) is not None and dequantize.attrs.get("block_size", 0):
+        if (dequantize := producer_of(node.inputs[1], "DequantizeLinear")) is not None and dequantize.attrs.get("block_size", 0):
             return "weight quantized in blocks (block_size)"
         return "MatMul of two activations" if node.op == "MatMul" and weight(x) is None else "weight is not a constant"
     if weight(x) is not None:
@@ -246,11 +248,6 @@ def reason_not_a_linear(node: gs.Node) -> str | None:
     return gemm_bias_not_per_channel(node, n)
 
 
-def written_by(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    return producer if producer is not None and producer.op == op and producer.domain in DEFAULT_DOMAINS else None
-
-
 def activation_quantizer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node] | str | None:
     """The per-tensor QuantizeLinear -> DequantizeLinear writing `tensor`, None when no
     DequantizeLinear writes it, or why the pass cannot move that quantizer onto a 4-D tensor.
@@ -258,28 +255,16 @@ def activation_quantizer(tensor: gs.Tensor) -> tuple[gs.Node, gs.Node] | str | N
     One scale and zero point for every element: Q and DQ are then elementwise and commute with any
     reshape, so Q/DQ(Flatten(m)) = Flatten(Q/DQ(m)) exactly. A per-axis or blocked one does not.
     """
-    dequantize = written_by(tensor, "DequantizeLinear")
+    dequantize = producer_of(tensor, "DequantizeLinear")
     if dequantize is None:
         return None
-    quantize = written_by(dequantize.inputs[0], "QuantizeLinear")
+    quantize = producer_of(dequantize.inputs[0], "QuantizeLinear")
     if quantize is None:
         return "input is dequantized from a tensor no QuantizeLinear computes"
     for node in (quantize, dequantize):
-        if (reason := not_per_tensor(node)) is not None:
+        if (reason := per_tensor_problem(node)) is not None:
             return f"input {reason}"
     return quantize, dequantize
-
-
-def not_per_tensor(node: gs.Node) -> str | None:
-    """Why a QuantizeLinear/DequantizeLinear does not quantize its data with one constant scale and zero point."""
-    if node.attrs.get("block_size", 0):
-        return "quantized in blocks (block_size)"
-    parameters = [constant_value(t) for t in node.inputs[1:3] if t.name]
-    if any(p is None for p in parameters):
-        return "quantized with a runtime scale or zero point"
-    if any(p.ndim != 0 for p in parameters):
-        return "quantized per axis"
-    return None
 
 
 def quantized_weight_not_reshapable(node: gs.Node, w: Weight) -> str | None:
@@ -446,7 +431,7 @@ def carries_in_4d(graph: gs.Graph, node: gs.Node, carried: Container[str]) -> bo
     if node.op == "BatchNormalization":  # per channel on axis 1, of [B, N] and [B, N, 1, 1] alike
         return first_carried and others_inert and not node.attrs.get("training_mode", 0) and node.attrs.get("spatial", 1) == 1
     if node.op in QDQ:  # elementwise when per tensor; per-axis ones are declined (quantizer_left_in_2d)
-        return first_carried and others_inert and not_per_tensor(node) is None
+        return first_carried and others_inert and per_tensor_problem(node) is None
     return False
 
 

@@ -64,6 +64,8 @@ from graphopt.graphs import (
     make_weight,
     node_names,
     nodes_with_op,
+    per_tensor_problem,
+    producer_of,
     set_split_sizes,
     sole_consumer,
     unique_name,
@@ -470,11 +472,6 @@ def data_source(tensor: gs.Tensor) -> Hashable:
     return tensor.name if None in signatures else (quantize.inputs[0].name, signatures)
 
 
-def producer_of(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    return node if node is not None and node.op == op and node.domain in DEFAULT_DOMAINS else None
-
-
 def quantizer_signature(node: gs.Node) -> Hashable | None:
     """A Q or DQ node's attributes and constant scale and zero point, hashable; None when a
     parameter is not a constant."""
@@ -661,7 +658,7 @@ def output_quantization(graph: gs.Graph, tails: list[gs.Tensor]) -> OutputQuanti
     for q, dq in zip(quantizers, dequantizers):
         if (dq is None or dq.op != "DequantizeLinear" or dq.domain not in DEFAULT_DOMAINS or dq.inputs[0] is not q.outputs[0]
                 or len(q.outputs) != 1 or len(dq.outputs) != 1 or is_graph_output(graph, q.outputs[0])
-                or used_in_subgraph(graph, q.outputs[0]) or not (per_tensor(q) and per_tensor(dq))):
+                or used_in_subgraph(graph, q.outputs[0]) or per_tensor_problem(q) or per_tensor_problem(dq)):
             return OUTPUT_Q_SHAPE
     if len({quantizer_signature(q) for q in quantizers}) > 1 or len({quantizer_signature(dq) for dq in dequantizers}) > 1:
         return OUTPUT_Q_DIFFERS
@@ -675,12 +672,6 @@ def quantizer_of(graph: gs.Graph, tail: gs.Tensor) -> gs.Node | None:
             or is_graph_output(graph, tail) or used_in_subgraph(graph, tail)):
         return None
     return q
-
-
-def per_tensor(node: gs.Node) -> bool:
-    """Scalar constant scale and zero point (or none), no blocks: one Q/DQ for any channel count."""
-    values = [constant_value(t) if t.name else np.zeros(()) for t in node.inputs[1:]]
-    return quantizer_signature(node) is not None and all(v.ndim == 0 for v in values) and not node.attrs.get("block_size", 0)
 
 
 def concat_of_exactly(graph: gs.Graph, tails: list[gs.Tensor]) -> gs.Node | None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.graphs import DEFAULT_DOMAINS, constant_value, live_channels, make_constant, make_weight, set_split_sizes, unique_name, weight
+from graphopt.graphs import DEFAULT_DOMAINS, constant_value, live_channels, make_constant, make_weight, producer_of, set_split_sizes, unique_name, weight
 from .sites import ChannelSite, ConvCost, Role, has_bias
 from .reach import split_sizes
 
@@ -187,8 +187,8 @@ def padded_bias(graph: gs.Graph, conv: gs.Node, size: int, weight_scale: np.ndar
 
 def new_bias_scales(conv: gs.Node, bias_scale: np.ndarray, weight_scale: np.ndarray | None, size: int) -> np.ndarray | float:
     """Scales for the bias entries of new filters: input scale x weight scale if the old ones are that, else 1."""
-    dequantize = conv.inputs[0].inputs[0] if len(conv.inputs[0].inputs) == 1 else None
-    input_scale = constant_value(dequantize.inputs[1]) if dequantize is not None and dequantize.op == "DequantizeLinear" else None
+    dequantize = producer_of(conv.inputs[0], "DequantizeLinear")
+    input_scale = constant_value(dequantize.inputs[1]) if dequantize is not None else None
     if input_scale is None or input_scale.size != 1 or weight_scale is None:
         return 1.0
     per_filter = np.broadcast_to(weight_scale.reshape(-1) if weight_scale.size > 1 else weight_scale.reshape(()), (size,))
